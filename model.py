@@ -1,0 +1,805 @@
+"""
+Models for LLM2CLIP and ProCLIP, in one file, with no training code:
+
+- ViT            the CLIP image tower (HF `CLIPVisionModelWithProjection` key layout)
+- CLIPTextTower  the CLIP text tower (HF `CLIPTextModelWithProjection` key layout)
+- Llama          a LLaMA used as a text encoder: bidirectional by default, `causal=True` for the plain
+                 decoder (HF `LlamaModel` key layout, with or without the `model.` prefix)
+- LoRA           explicit low-rank adapters on Llama's projections, mergeable and exportable
+- Adaptor        LLM embedding -> CLIP joint space (LLM2CLIP: 4 blocks, 2x; ProCLIP: 1 block, 8x)
+
+Module names copy the Hugging Face checkpoint keys, so loading is a key-for-key copy with every key and
+shape checked. Only safetensors are read: a pickle can run code. `transformers` is imported only where a
+tokenizer is needed (`load_tokenizer`), never to build or load a model.
+
+Output conventions (what outside code can rely on):
+    ViT(pixel_values)                        -> (B, proj_dim)  projected pooled embedding, not normalised
+    CLIPTextTower(input_ids, attention_mask) -> (B, proj_dim)  projected pooled EOS embedding
+    Llama(input_ids, attention_mask)         -> (B, T, D)      hidden states after the final norm
+    mean_pool(hidden, mask)                  -> (B, D)         mean over the tokens where mask == 1
+"""
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# configs: only what the forward pass needs, read from HF config.json files
+
+@dataclass
+class ViTConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"  # OpenAI checkpoints use quick_gelu; many others gelu
+    projection_dim: int = 512
+
+@dataclass
+class CLIPTextConfig:
+    vocab_size: int = 49408
+    max_position_embeddings: int = 77  # the context limit: the reason LLM2CLIP exists
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    projection_dim: int = 512
+    eos_token_id: int = 49407  # 2 means "old HF config": pool at argmax(input_ids), as HF does
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict = field(default_factory=dict)  # {"rope_type": "llama3", "factor": 8.0, ...} or {}
+    max_position_embeddings: int = 2048
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+
+@dataclass
+class AdaptorConfig:
+    in_dim: int = 2048   # LLM hidden size
+    out_dim: int = 1280  # joint width: LLM2CLIP re-initialises the projection to 1280; ProCLIP keeps CLIP's
+    n_blocks: int = 4    # LLM2CLIP 4, ProCLIP 1
+    expansion: int = 2   # LLM2CLIP 2, ProCLIP 8
+
+ADAPTOR_PRESETS = {
+    "llm2clip": dict(n_blocks=4, expansion=2),
+    "proclip": dict(n_blocks=1, expansion=8),
+}
+
+def _from_dict(cls, d):
+    """Build a config dataclass from an HF config dict: known keys only, HF's defaults for the rest."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+
+# -----------------------------------------------------------------------------
+# checkpoint reading: safetensors only, every key and shape checked
+
+def _read_config(path):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not a directory (expected a Hugging Face model folder)")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path}: no config.json")
+    with open(cfg_path) as f:
+        return json.load(f)
+
+def _read_safetensors(path):
+    """All tensors of an HF folder: model.safetensors, or the shards named by model.safetensors.index.json."""
+    from safetensors.torch import load_file
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        sd = {}
+        for shard in shards:
+            shard_path = os.path.join(path, shard)
+            if not os.path.isfile(shard_path):
+                raise FileNotFoundError(f"{index}: names shard {shard}, which does not exist")
+            sd.update(load_file(shard_path))
+        return sd
+    pickled = [n for n in sorted(os.listdir(path)) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    hint = f" (found {', '.join(pickled)}: pickled weights are never loaded; convert them to safetensors)" if pickled else ""
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
+
+def _load_into(model, sd, where):
+    """Copy a state dict into a model built on the meta device; every key and shape must match exactly."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing:
+        raise KeyError(f"{where}: missing key {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise KeyError(f"{where}: unexpected key {unexpected[0]!r}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for k, v in own.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise ValueError(f"{where}: key {k!r} has shape {tuple(sd[k].shape)}, the config implies {tuple(v.shape)}")
+    model.load_state_dict(sd, assign=True)
+    return model
+
+def _with_dtype(sd, dtype):
+    return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in sd.items()}
+
+def load_tokenizer(path):
+    """The tokenizer stored in the same HF folder as the weights (transformers imported only here)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+# -----------------------------------------------------------------------------
+# the CLIP transformer block, shared by the image and the text tower
+
+ACT = {
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "gelu": F.gelu,
+}
+
+def _act(name):
+    if name not in ACT:
+        raise ValueError(f"hidden_act {name!r} is not supported (expected one of {sorted(ACT)})")
+    return ACT[name]
+
+class CLIPAttention(nn.Module):
+    def __init__(self, width, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x, mask=None, causal=False):
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.n_head, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        # a mask, when given, already holds causality; without one SDPA applies it itself
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)  # (B, heads, T, hd)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+class CLIPMLP(nn.Module):
+    def __init__(self, width, hidden, act):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+        self.act = _act(act)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+class CLIPLayer(nn.Module):
+    """Pre-LN residual block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+    def __init__(self, cfg):
+        super().__init__()
+        self.self_attn = CLIPAttention(cfg.hidden_size, cfg.num_attention_heads)
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x, mask=None, causal=False):
+        x = x + self.self_attn(self.layer_norm1(x), mask, causal)
+        return x + self.mlp(self.layer_norm2(x))
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.grad_checkpointing = False
+
+    def forward(self, x, mask=None, causal=False):
+        for layer in self.layers:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(layer, x, mask, causal, use_reentrant=False)
+            else:
+                x = layer(x, mask, causal)
+        return x
+
+def _clip_split_config(raw, tower, path):
+    """(tower config dict, projection_dim) of an HF CLIP folder: CLIPModel or the tower model alone."""
+    mt = raw.get("model_type")
+    if mt == "clip":
+        sub = dict(raw.get(f"{tower}_config") or {})
+        sub["projection_dim"] = raw.get("projection_dim", 512)  # CLIPModel projects to the top-level width
+        return sub
+    if mt == f"clip_{tower}_model":
+        return raw
+    raise ValueError(f"{path}/config.json: model_type {mt!r} is not a CLIP {tower} model "
+                     f"(expected 'clip' or 'clip_{tower}_model')")
+
+def _clip_tower_state(sd, prefixes, path):
+    """Keep one tower's tensors of a CLIP checkpoint; the other tower's keys and logit_scale are skipped."""
+    other = ("text_model.", "text_projection.", "vision_model.", "visual_projection.", "logit_scale")
+    out = {}
+    for k, v in sd.items():
+        if k.startswith(prefixes):
+            out[k] = v
+        elif not k.startswith(other):
+            raise KeyError(f"{path}: unexpected key {k!r}")
+    return out
+
+def read_logit_scale(path):
+    """CLIP's learned log temperature from a CLIPModel folder (None when the folder has none)."""
+    return _read_safetensors(path).get("logit_scale")
+
+# -----------------------------------------------------------------------------
+# ViT: the CLIP image tower
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.grid = cfg.image_size // cfg.patch_size
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(self.grid ** 2 + 1, cfg.hidden_size)
+
+    def pos_embed(self, gh, gw):
+        """Position embeddings for a gh x gw patch grid: bicubic interpolation of the trained grid (as HF)."""
+        pe = self.position_embedding.weight  # (1 + grid^2, C)
+        if (gh, gw) == (self.grid, self.grid):
+            return pe
+        cls_pe, patch_pe = pe[:1], pe[1:]
+        C = pe.shape[1]
+        patch_pe = patch_pe.reshape(1, self.grid, self.grid, C).permute(0, 3, 1, 2)  # (1, C, grid, grid)
+        patch_pe = F.interpolate(patch_pe, size=(gh, gw), mode="bicubic", align_corners=False)
+        return torch.cat([cls_pe, patch_pe.permute(0, 2, 3, 1).reshape(gh * gw, C)])
+
+    def forward(self, pixel_values):
+        B, _, H, W = pixel_values.shape
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {self.patch_size}")
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, C, gh, gw)
+        x = x.flatten(2).transpose(1, 2)  # (B, gh*gw, C)
+        x = torch.cat([self.class_embedding.expand(B, 1, -1).to(x.dtype), x], dim=1)
+        return x + self.pos_embed(H // self.patch_size, W // self.patch_size)
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embeddings = VisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # (sic) HF's spelling
+        self.encoder = CLIPEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+class ViT(nn.Module):
+    """CLIP image tower. Other resolutions than cfg.image_size interpolate the position embeddings."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.config = cfg
+        self.vision_model = VisionTransformer(cfg)
+        self.visual_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+
+    def forward_features(self, pixel_values):
+        """(B, 3, H, W) -> (B, 1 + patches, width): the encoder output, HF's `last_hidden_state`."""
+        vm = self.vision_model
+        return vm.encoder(vm.pre_layrnorm(vm.embeddings(pixel_values)))
+
+    def forward(self, pixel_values):
+        """(B, 3, H, W) -> (B, projection_dim): HF's `image_embeds`, not normalised."""
+        h = self.forward_features(pixel_values)
+        return self.visual_projection(self.vision_model.post_layernorm(h[:, 0]))
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None):
+        """An HF CLIP folder: CLIPModel or CLIPVisionModelWithProjection."""
+        cfg = _from_dict(ViTConfig, _clip_split_config(_read_config(path), "vision", path))
+        _act(cfg.hidden_act)
+        sd = _clip_tower_state(_read_safetensors(path), ("vision_model.", "visual_projection."), path)
+        with torch.device("meta"):
+            model = cls(cfg)
+        return _load_into(model, _with_dtype(sd, dtype), path)
+
+# -----------------------------------------------------------------------------
+# CLIPTextTower: the CLIP text tower
+
+class TextEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+class TextTransformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embeddings = TextEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+class CLIPTextTower(nn.Module):
+    """CLIP text tower: causal attention, pooled at the EOS token, projected.
+
+    The context is cfg.max_position_embeddings tokens (77 for real CLIP); longer input is an error, and
+    `tokenize` truncates like CLIP does (keeping the EOS token at the end). Padding may sit on either side.
+    """
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.config = cfg
+        self.text_model = TextTransformer(cfg)
+        self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+
+    @property
+    def context_length(self):
+        return self.config.max_position_embeddings
+
+    def tokenize(self, tokenizer, texts):
+        """Texts -> (input_ids, attention_mask), truncated to the context like CLIP."""
+        enc = tokenizer(list(texts), padding=True, truncation=True, max_length=self.context_length, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
+    def forward_features(self, input_ids, attention_mask=None):
+        """(B, T) -> (B, T, width): hidden states after final_layer_norm."""
+        B, T = input_ids.shape
+        if T > self.context_length:
+            raise ValueError(f"input has {T} tokens, the CLIP text tower's context is {self.context_length}: "
+                             f"truncate with CLIPTextTower.tokenize")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        tm = self.text_model
+        pos = _positions(attention_mask)  # real tokens at 0..L-1 whichever side the padding is on
+        x = tm.embeddings.token_embedding(input_ids) + tm.embeddings.position_embedding(pos)
+        x = tm.encoder(x, _attn_mask(attention_mask, causal=True), causal=True)
+        return tm.final_layer_norm(x)
+
+    def eos_index(self, input_ids, attention_mask=None):
+        """Where each row's pooled token is: the first EOS (HF's rule), or argmax id for old configs (eos 2).
+        A row without EOS (cut off by hand) pools its last real token instead of HF's silent position 0."""
+        eos = self.config.eos_token_id
+        if eos == 2:
+            return input_ids.to(torch.int).argmax(-1)
+        is_eos = input_ids == eos
+        last = _last_real(input_ids, attention_mask)
+        return torch.where(is_eos.any(-1), is_eos.to(torch.int).argmax(-1), last)
+
+    def forward(self, input_ids, attention_mask=None):
+        """(B, T) -> (B, projection_dim): HF's `text_embeds`, not normalised."""
+        h = self.forward_features(input_ids, attention_mask)
+        pooled = h[torch.arange(h.shape[0], device=h.device), self.eos_index(input_ids, attention_mask)]
+        return self.text_projection(pooled)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None):
+        """An HF CLIP folder: CLIPModel or CLIPTextModelWithProjection."""
+        cfg = _from_dict(CLIPTextConfig, _clip_split_config(_read_config(path), "text", path))
+        _act(cfg.hidden_act)
+        sd = _clip_tower_state(_read_safetensors(path), ("text_model.", "text_projection."), path)
+        with torch.device("meta"):
+            model = cls(cfg)
+        return _load_into(model, _with_dtype(sd, dtype), path)
+
+# -----------------------------------------------------------------------------
+# masks and positions, shared by the CLIP text tower and Llama
+
+def _positions(attention_mask):
+    """(B, T) 0/1 -> (B, T) positions counting real tokens only, so padding on either side changes nothing."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+def _last_real(input_ids, attention_mask):
+    if attention_mask is None:
+        return torch.full(input_ids.shape[:1], input_ids.shape[1] - 1, device=input_ids.device)
+    T = attention_mask.shape[1]
+    idx = torch.arange(T, device=attention_mask.device)
+    return torch.where(attention_mask.bool(), idx, -1).amax(-1).clamp(min=0)
+
+def _attn_mask(attention_mask, causal):
+    """(B, T) 0/1 padding mask -> (B, 1, T, T) boolean SDPA mask (True = may attend), or None if not needed.
+
+    Each token also attends to itself: that changes no real token (they never see padding), and keeps the
+    rows of padding tokens from being fully masked, which would give NaN and spread through later layers.
+    """
+    B, T = attention_mask.shape
+    if bool(attention_mask.all()):
+        return None  # callers use SDPA's is_causal, its fast path
+    mask = attention_mask.bool()[:, None, None, :].expand(B, 1, T, T)
+    eye = torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+    if causal:
+        mask = mask & torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    return mask | eye
+
+# -----------------------------------------------------------------------------
+# LoRA: a Linear that can carry a low-rank update W + (alpha / r) * B @ A
+
+class LoRALinear(nn.Linear):
+    """nn.Linear whose state dict keys stay `x.weight` / `x.bias` (HF layout); `add_lora` adds `x.lora_A`,
+    `x.lora_B`. B starts at zero, so a fresh adapter changes nothing."""
+
+    r = 0
+
+    def add_lora(self, r, alpha, dropout=0.0):
+        dev = self.weight.device
+        self.r, self.scaling = r, alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear's own init
+        self.lora_dropout = nn.Dropout(dropout).train(self.training)  # a new module would start in train mode
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.r:
+            y = y + F.linear(F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scaling
+        return y
+
+    def merged_weight(self):
+        if not self.r:
+            return self.weight
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        return (self.weight.float() + delta).to(self.weight.dtype)
+
+    def merge(self):
+        """Fold the update into the base weight and drop the adapter."""
+        if self.r:
+            with torch.no_grad():
+                self.weight.copy_(self.merged_weight())
+            del self.lora_A, self.lora_B, self.lora_dropout
+            self.r = 0
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+def add_lora(model, r=16, alpha=32, dropout=0.05, targets=LORA_TARGETS):
+    """Put adapters on every LoRALinear whose name ends with one of `targets`; freeze everything else.
+    Defaults are the paper's (rank 16, alpha 32, dropout 0.05 on all seven projections)."""
+    hits = 0
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear) and name.rsplit(".", 1)[-1] in targets:
+            m.add_lora(r, alpha, dropout)
+            hits += 1
+    if not hits:
+        raise ValueError(f"no LoRA target found among {targets}")
+    for n, p in model.named_parameters():
+        p.requires_grad = "lora_" in n
+    model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, targets=list(targets))
+    return model
+
+def merge_lora(model):
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.merge()
+    model.lora_config = None
+    return model
+
+def save_lora(model, path):
+    """Only the adapter tensors, with their config in the safetensors metadata."""
+    from safetensors.torch import save_file
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items() if "lora_" in k}
+    if not sd:
+        raise ValueError("the model has no LoRA adapters to save")
+    meta = {"lora_config": json.dumps(model.lora_config)}
+    _atomic(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+
+def load_lora(model, path):
+    """Add adapters as saved in `path` (by save_lora) and load their weights; keys must match exactly."""
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        if "lora_config" not in meta:
+            raise ValueError(f"{path}: no lora_config in the metadata (not written by save_lora)")
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    lc = json.loads(meta["lora_config"])
+    add_lora(model, lc["r"], lc["alpha"], lc["dropout"], tuple(lc["targets"]))
+    own = {k for k in model.state_dict() if "lora_" in k}
+    if own != set(sd):
+        extra, miss = sorted(set(sd) - own), sorted(own - set(sd))
+        raise KeyError(f"{path}: " + (f"unexpected key {extra[0]!r}" if extra else f"missing key {miss[0]!r}"))
+    model.load_state_dict(sd, strict=False)
+    return model
+
+def _atomic(path, write):
+    """Write to a temporary name, then rename: a kill never leaves a half-written file or folder."""
+    tmp = path + ".tmp"
+    if os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    write(tmp)
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+# -----------------------------------------------------------------------------
+# Llama as a text encoder
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # statistics in fp32 whatever the model dtype, then back (HF's order: cast, then scale)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+def rope_inv_freq(cfg: LlamaConfig):
+    """Inverse frequencies of rotate-half RoPE, with the `linear` and `llama3` scaling rules."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+    rs = cfg.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / rs["factor"]
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp in between
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old_ctx = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"rope_type {kind!r} is not supported (expected default, linear or llama3)")
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = LoRALinear(cfg.hidden_size, self.n_head * self.hd, bias=bias)
+        self.k_proj = LoRALinear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
+        self.v_proj = LoRALinear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
+        self.o_proj = LoRALinear(self.n_head * self.hd, cfg.hidden_size, bias=bias)
+
+    def forward(self, x, cos, sin, mask, causal):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, heads, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, kv_heads, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if mask is None:  # no padding: let SDPA pick its fastest kernel and share kv heads itself
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1, enable_gqa=self.n_kv != self.n_head)
+        else:  # with a mask the fused kernels need equal head counts (as HF does it)
+            rep = self.n_head // self.n_kv
+            if rep > 1:
+                k = k.repeat_interleave(rep, dim=1)
+                v = v.repeat_interleave(rep, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        bias = cfg.mlp_bias
+        self.gate_proj = LoRALinear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.up_proj = LoRALinear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.down_proj = LoRALinear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+class LlamaLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, cos, sin, mask, causal):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, causal)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+class Llama(nn.Module):
+    """LLaMA as a text encoder. Bidirectional attention by default (LLM2Vec / LLM2CLIP); `causal=True`
+    gives the ordinary decoder. Positions count real tokens only, so a caption embeds the same alone,
+    left-padded or right-padded. `grad_checkpointing=True` recomputes each layer in backward."""
+
+    def __init__(self, cfg: LlamaConfig, causal=False, lm_head=False):
+        super().__init__()
+        self.config = cfg
+        self.causal = causal
+        self.grad_checkpointing = False
+        self.lora_config = None
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # only for generation (sanity checks); an encoder does not need it. Tied: the embedding is reused.
+        if lm_head and not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._inv_freq = rope_inv_freq(cfg)  # fp32 always: not a buffer, so .to(bfloat16) cannot round it
+
+    def rope(self, position_ids, dtype):
+        inv_freq = self._inv_freq.to(position_ids.device)
+        freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        """(B, T) token ids, (B, T) 0/1 mask -> (B, T, D) hidden states after the final RMSNorm."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = _positions(attention_mask)
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope(position_ids, x.dtype)
+        mask = _attn_mask(attention_mask, self.causal)
+        for layer in self.layers:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, self.causal, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, self.causal)
+        return self.norm(x)
+
+    def logits(self, hidden):
+        w = self.lm_head.weight if hasattr(self, "lm_head") else self.embed_tokens.weight
+        return F.linear(hidden, w)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens=20, eos_token_id=None):
+        """Greedy decoding of one sequence (B=1), recomputing the prefix each step: for sanity checks only."""
+        assert self.causal and input_ids.shape[0] == 1, "generate needs causal=True and a batch of one"
+        for _ in range(max_new_tokens):
+            nxt = self.logits(self(input_ids)[:, -1]).argmax(-1, keepdim=True)
+            input_ids = torch.cat([input_ids, nxt], dim=1)
+            if eos_token_id is not None and nxt.item() == eos_token_id:
+                break
+        return input_ids
+
+    @classmethod
+    def from_pretrained(cls, path, causal=False, dtype=None, lm_head=False):
+        """An HF Llama folder (LlamaModel or LlamaForCausalLM; one file or shards with an index).
+        `lm_head=True` also loads an untied output head (for generate); otherwise it is skipped."""
+        raw = _read_config(path)
+        if raw.get("model_type") != "llama":
+            raise ValueError(f"{path}/config.json: model_type {raw.get('model_type')!r} is not supported "
+                             f"(Llama.from_pretrained reads 'llama')")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{path}/config.json: hidden_act {raw['hidden_act']!r} is not supported (expected 'silu')")
+        cfg = llama_config(raw)
+        rope_inv_freq(cfg)  # unsupported rope types fail here, before any weights are read
+        sd = {}
+        for k, v in _read_safetensors(path).items():
+            if k.endswith("rotary_emb.inv_freq"):
+                continue  # a derived buffer some old checkpoints stored
+            if k == "lm_head.weight":
+                if lm_head and not cfg.tie_word_embeddings:
+                    sd[k] = v
+                continue
+            sd[k.removeprefix("model.")] = v
+        with torch.device("meta"):
+            model = cls(cfg, causal=causal, lm_head=lm_head)
+        model = _load_into(model, _with_dtype(sd, dtype), path)
+        model.source_path = path
+        model.hf_config = raw
+        return model
+
+    def save_pretrained(self, out, tokenizer_from=None):
+        """Export as an HF LlamaForCausalLM folder (LoRA merged in, the model itself untouched):
+        model.safetensors + config.json + the tokenizer files of `tokenizer_from` (default: the source)."""
+        from safetensors.torch import save_file
+        sd = {}
+        for name, m in self.named_modules():
+            if isinstance(m, LoRALinear):
+                sd[f"model.{name}.weight"] = m.merged_weight()
+                if m.bias is not None:
+                    sd[f"model.{name}.bias"] = m.bias
+        for k, v in self.state_dict().items():
+            if "lora_" in k or k.startswith("lm_head.") or f"model.{k}" in sd:
+                continue
+            sd[f"model.{k}"] = v
+        if hasattr(self, "lm_head"):
+            sd["lm_head.weight"] = self.lm_head.weight
+        untied_without_head = not self.config.tie_word_embeddings and not hasattr(self, "lm_head")
+        raw = dict(getattr(self, "hf_config", None) or llama_hf_dict(self.config))
+        raw["architectures"] = ["LlamaModel" if untied_without_head else "LlamaForCausalLM"]
+        raw["dtype"] = str(self.embed_tokens.weight.dtype).removeprefix("torch.")
+        raw.pop("torch_dtype", None)
+        src = tokenizer_from or getattr(self, "source_path", None)
+
+        def write(tmp):
+            os.makedirs(tmp)
+            save_file({k: v.detach().contiguous() for k, v in sd.items()}, os.path.join(tmp, "model.safetensors"),
+                      metadata={"format": "pt"})
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(raw, f, indent=2)
+            if src:
+                for n in TOKENIZER_FILES:
+                    if os.path.isfile(os.path.join(src, n)):
+                        shutil.copy(os.path.join(src, n), os.path.join(tmp, n))
+        _atomic(out, write)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+
+def llama_config(raw):
+    """LlamaConfig from an HF config dict, old (rope_theta + rope_scaling) or new (rope_parameters) style."""
+    cfg = _from_dict(LlamaConfig, {k: v for k, v in raw.items() if k not in ("rope_scaling", "rope_theta")})
+    rp = raw.get("rope_parameters") or {}
+    rs = raw.get("rope_scaling") or {}
+    cfg.rope_theta = float(rp.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    scaling = {k: v for k, v in {**rs, **rp}.items() if k != "rope_theta"}
+    cfg.rope_scaling = scaling if scaling.get("rope_type", scaling.get("type", "default")) != "default" else {}
+    return cfg
+
+def llama_hf_dict(cfg: LlamaConfig):
+    """An HF config dict for a LlamaConfig built by hand (no source folder to copy the config from)."""
+    d = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("rope_theta", "rope_scaling")}
+    d["model_type"] = "llama"
+    d["hidden_act"] = "silu"
+    d["rope_parameters"] = {"rope_type": "default", **cfg.rope_scaling, "rope_theta": cfg.rope_theta}
+    return d
+
+# -----------------------------------------------------------------------------
+# pooling
+
+def mean_pool(hidden, mask):
+    """(B, T, D), (B, T) 0/1 -> (B, D): mean over the tokens where mask is 1, accumulated in fp32."""
+    m = mask.to(torch.float32).unsqueeze(-1)
+    return ((hidden.float() * m).sum(1) / m.sum(1).clamp(min=1.0)).to(hidden.dtype)
+
+def skip_instruction(attention_mask, n_instruction):
+    """The pooling mask that drops the first n_instruction[i] real tokens of each row (LLM2Vec's "skip
+    instruction": the instruction is attended to but not pooled). Works with padding on either side."""
+    n = torch.as_tensor(n_instruction, device=attention_mask.device).reshape(-1, 1)
+    real = attention_mask.bool()
+    rank = attention_mask.long().cumsum(-1)  # 1 for the first real token, 2 for the next, ...
+    return (real & (rank > n)).to(attention_mask.dtype)
+
+# -----------------------------------------------------------------------------
+# Adaptor: LLM embedding -> CLIP joint space
+
+class AdaptorBlock(nn.Module):
+    """x + W2 gelu(W1 LN(x)), W1: D -> eD, W2: eD -> D (an inverted bottleneck, exact GELU)."""
+    def __init__(self, dim, expansion):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, expansion * dim)
+        self.fc2 = nn.Linear(expansion * dim, dim)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+class Adaptor(nn.Module):
+    """L2-normalise the LLM embedding, n residual blocks, LayerNorm, Linear to the joint width.
+    The output is not normalised (callers normalise before a loss, as with the towers)."""
+
+    def __init__(self, cfg: AdaptorConfig):
+        super().__init__()
+        self.config = cfg
+        self.blocks = nn.ModuleList(AdaptorBlock(cfg.in_dim, cfg.expansion) for _ in range(cfg.n_blocks))
+        self.norm = nn.LayerNorm(cfg.in_dim)
+        self.proj = nn.Linear(cfg.in_dim, cfg.out_dim)
+
+    def forward(self, x):
+        x = F.normalize(x.float(), dim=-1).to(self.proj.weight.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.proj(self.norm(x))
+
+    @classmethod
+    def for_method(cls, method, in_dim, out_dim):
+        if method not in ADAPTOR_PRESETS:
+            raise ValueError(f"method {method!r}: expected one of {sorted(ADAPTOR_PRESETS)}")
+        return cls(AdaptorConfig(in_dim=in_dim, out_dim=out_dim, **ADAPTOR_PRESETS[method]))
