@@ -570,22 +570,30 @@ class LlamaAttention(nn.Module):
         self.v_proj = LoRALinear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
         self.o_proj = LoRALinear(self.n_head * self.hd, cfg.hidden_size, bias=bias)
 
-    def forward(self, x, cos, sin, mask, causal):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, heads, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)    # (B, kv_heads, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+    def forward(self, x, cos, sin, mask, causal, unpad=None):
+        # x: (B, T, C), or (N, C) real tokens only when unpad = (idx, B, T) says where they sit
+        q = self.q_proj(x).unflatten(-1, (self.n_head, self.hd))  # (..., heads, hd)
+        k = self.k_proj(x).unflatten(-1, (self.n_kv, self.hd))    # (..., kv_heads, hd)
+        v = self.v_proj(x).unflatten(-1, (self.n_kv, self.hd))
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if unpad is not None:  # attention needs the (B, T) grid back: scatter into zeros (masked anyway)
+            idx, B, T = unpad
+            q, k, v = (t.new_zeros(B * T, *t.shape[1:]).index_copy(0, idx, t).view(B, T, *t.shape[1:]) for t in (q, k, v))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
         if mask is None:  # no padding: let SDPA pick its fastest kernel and share kv heads itself
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1, enable_gqa=self.n_kv != self.n_head)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] > 1,
+                                               enable_gqa=self.n_kv != self.n_head)
         else:  # with a mask the fused kernels need equal head counts (as HF does it)
             rep = self.n_head // self.n_kv
             if rep > 1:
                 k = k.repeat_interleave(rep, dim=1)
                 v = v.repeat_interleave(rep, dim=1)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = y.transpose(1, 2).flatten(2)  # (B, T, heads * hd)
+        if unpad is not None:
+            y = y.flatten(0, 1)[unpad[0]]  # (N, heads * hd)
+        return self.o_proj(y)
 
 class LlamaMLP(nn.Module):
     def __init__(self, cfg):
@@ -606,8 +614,8 @@ class LlamaLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x, cos, sin, mask, causal):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, causal)
+    def forward(self, x, cos, sin, mask, causal, unpad=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, unpad)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 class Llama(nn.Module):
@@ -632,11 +640,13 @@ class Llama(nn.Module):
     def rope(self, position_ids, dtype):
         inv_freq = self._inv_freq.to(position_ids.device)
         freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(-2)  # (B, T, 1, hd): broadcasts over heads
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):
-        """(B, T) token ids, (B, T) 0/1 mask -> (B, T, D) hidden states after the final RMSNorm."""
+        """(B, T) token ids, (B, T) 0/1 mask -> (B, T, D) hidden states after the final RMSNorm.
+        Padding positions of the output hold zeros."""
+        B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
@@ -644,12 +654,22 @@ class Llama(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, x.dtype)
         mask = _attn_mask(attention_mask, self.causal)
+        unpad = None
+        if mask is not None:
+            # Unpad: the projections, the MLP and the norms (nearly all FLOPs) run on the real tokens only;
+            # only attention sees the padded (B, T) grid. Plainly padded caption batches are ~half padding.
+            idx = attention_mask.flatten().nonzero().squeeze(1)
+            unpad = (idx, B, T)
+            x, cos, sin = (t.flatten(0, 1)[idx] for t in (x, cos, sin))  # (N, ...)
         for layer in self.layers:
             if self.grad_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, self.causal, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, self.causal, unpad, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, self.causal)
-        return self.norm(x)
+                x = layer(x, cos, sin, mask, self.causal, unpad)
+        x = self.norm(x)
+        if unpad is not None:
+            x = x.new_zeros(B * T, x.shape[-1]).index_copy(0, unpad[0], x).view(B, T, -1)
+        return x
 
     def logits(self, hidden):
         w = self.lm_head.weight if hasattr(self, "lm_head") else self.embed_tokens.weight
