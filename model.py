@@ -787,6 +787,46 @@ def skip_instruction(attention_mask, n_instruction):
     rank = attention_mask.long().cumsum(-1)  # 1 for the first real token, 2 for the next, ...
     return (real & (rank > n)).to(attention_mask.dtype)
 
+def tokenize_for_embedding(tokenizer, texts, instruction="", max_length=512):
+    """Texts -> (token id lists, prefix lengths): [BOS if the tokenizer uses one] + instruction + caption,
+    the caption truncated to fit max_length. With an instruction, the prefix (BOS + instruction) is what
+    `skip_instruction` leaves out of the pooling; without one, every token is pooled (prefix 0)."""
+    probe = tokenizer("a")["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id else []
+    instr = tokenizer(instruction, add_special_tokens=False)["input_ids"] if instruction else []
+    room = max_length - len(bos) - len(instr)
+    if room < 1:
+        raise ValueError(f"max_length {max_length} leaves no room for the caption after the instruction")
+    captions = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    ids = [bos + instr + c[:room] for c in captions]
+    return ids, [len(bos) + len(instr) if instruction else 0] * len(ids)
+
+def pad_batch(ids, pad_id=0, device=None):
+    """Token id lists -> (input_ids, attention_mask), right-padded to the longest."""
+    T = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(ids), T, dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, :len(x)] = torch.tensor(x)
+        mask[i, :len(x)] = 1
+    return input_ids.to(device), mask.to(device)
+
+@torch.no_grad()
+def embed_texts(llm, tokenizer, texts, instruction="", max_length=512, batch_size=64):
+    """Mean-pooled, L2-normalised fp32 embeddings (N, D) of texts, in their order. Batches are formed
+    from length-sorted texts (little padding); the result does not depend on the order of `texts`'s rows
+    beyond that batching."""
+    ids, n_prefix = tokenize_for_embedding(tokenizer, texts, instruction, max_length)
+    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
+    dev = llm.embed_tokens.weight.device
+    out = torch.empty(len(ids), llm.config.hidden_size, dtype=torch.float32, device=dev)
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
+        input_ids, mask = pad_batch([ids[i] for i in rows], device=dev)
+        pooled = mean_pool(llm(input_ids, mask), skip_instruction(mask, [n_prefix[i] for i in rows]))
+        out[torch.tensor(rows, device=dev)] = F.normalize(pooled.float(), dim=-1)
+    return out
+
 # -----------------------------------------------------------------------------
 # Adaptor: LLM embedding -> CLIP joint space
 
