@@ -14,37 +14,12 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import transformers  # noqa: E402
-
 import embed_cache  # noqa: E402
 import model as M  # noqa: E402
+from tiny import tiny_llm, write_manifest  # noqa: E402
 from dataset import caption_rows, read_manifest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = "a the red blue green black white small large shirt dress sneaker bag coat boot on left right top bottom of and with".split()
-
-def tiny_llm(path, seed=0):
-    """A random 2-layer Llama with a word-level tokenizer, saved as an HF folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>"] + WORDS)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>")
-    tok.save_pretrained(path)
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    transformers.LlamaModel(cfg).save_pretrained(path)
-    return str(path)
-
-def write_manifest(path, n=60, seed=0):
-    rng = np.random.default_rng(seed)
-    with open(path, "w") as f:
-        for i in range(n):
-            caps = {"short": [" ".join(rng.choice(WORDS, rng.integers(2, 5)))],
-                    "long": [" ".join(rng.choice(WORDS, rng.integers(5, 30))) for _ in range(2)]}
-            f.write(json.dumps({"image": f"{i}.png", "captions": caps}) + "\n")
-    return str(path)
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
@@ -76,7 +51,7 @@ def test_rows_are_the_models_embeddings(setup, reference):
     model = M.Llama.from_pretrained(llm).eval()
     tok = M.load_tokenizer(llm)
     meta = json.load(open(reference / "meta.json"))
-    assert meta["complete"] and meta["fields"]["long"]["count"] == 120 and meta["dim"] == 32
+    assert meta["complete"] and meta["fields"]["long"]["count"] == 120 and meta["fields"]["short"]["count"] == 120 and meta["dim"] == 32
     for field in ("short", "long"):
         texts, _ = caption_rows(records, field)
         cache = embed_cache.open_cache(str(reference), field, llm, records)
@@ -102,7 +77,7 @@ def test_killed_and_resumed_is_byte_identical(setup, reference):
     p.send_signal(signal.SIGKILL)
     p.wait()
     n_done = len(os.listdir(out / "done"))
-    assert not json.load(open(out / "meta.json"))["complete"] or n_done == 23  # 8 + 15 chunks in all
+    assert not json.load(open(out / "meta.json"))["complete"] or n_done == 30  # 15 + 15 chunks in all
     r = run(args_for(llm, manifest, out))
     assert r.returncode == 0, r.stderr
     assert files(out) == files(reference)

@@ -1,0 +1,68 @@
+"""train_stage1.py on tiny models: the loss falls on a fixed batch for both methods, an interrupted and
+resumed run ends with the same weights as an uninterrupted one, and two torchrun ranks take the same
+SimCSE step as one process with the global batch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tiny import tiny_clip, tiny_llm, write_manifest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stage1")
+    llm, manifest = tiny_llm(d / "llm"), write_manifest(d / "m.jsonl", n=48)
+    r = subprocess.run([sys.executable, "embed_cache.py", f"--model={llm}", f"--manifest={manifest}",
+                        f"--out_dir={d / 'cache'}"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return dict(llm=llm, manifest=manifest, clip=tiny_clip(d / "clip"), cache=str(d / "cache"), dir=d)
+
+def train(setup, out, torchrun=0, **kw):
+    args = dict(model=setup["llm"], manifest=setup["manifest"], out_dir=str(out), clip=setup["clip"],
+                cache=setup["cache"], batch_size=8, max_steps=6, warmup_steps=2, log_interval=1, lora_r=4,
+                lora_alpha=8, instruction="retrieve a similar caption")
+    args.update(kw)
+    launch = [sys.executable] if not torchrun else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+    r = subprocess.run(launch + ["train_stage1.py"] + [f"--{k}={v}" for k, v in args.items()], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+
+@pytest.mark.parametrize("method,lr", [("llm2clip", 1e-2), ("proclip", 3e-3)])
+def test_loss_falls_on_a_fixed_batch(setup, method, lr):
+    log = train(setup, setup["dir"] / f"overfit_{method}", method=method, fixed_batch=True, max_steps=25,
+                lr=lr, min_lr=lr, warmup_steps=1, lora_dropout=0.0)
+    first, last = log[0]["loss"], log[-1]["loss"]
+    print(f"{method}: loss {first:.4f} -> {last:.4f}")
+    assert last < 0.5 * first
+
+@pytest.mark.parametrize("method,out_file", [("llm2clip", "lora.safetensors"), ("proclip", "adaptor.safetensors")])
+def test_resume_gives_the_same_weights(setup, method, out_file):
+    d = setup["dir"]
+    train(setup, d / f"straight_{method}", method=method)
+    train(setup, d / f"halted_{method}", method=method, halt_at=3)
+    assert not os.path.exists(d / f"halted_{method}" / out_file)  # it really stopped
+    train(setup, d / f"halted_{method}", method=method)  # resumes from the step-3 checkpoint
+    a = load_file(str(d / f"straight_{method}" / out_file))
+    b = load_file(str(d / f"halted_{method}" / out_file))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+def test_two_ranks_equal_one_process_with_the_global_batch(setup):
+    d = setup["dir"]
+    kw = dict(method="llm2clip", max_steps=2, lora_dropout=0.0, lr=1e-2)
+    train(setup, d / "one", batch_size=8, **kw)
+    train(setup, d / "two", batch_size=4, torchrun=2, **kw)
+    a, b = load_file(str(d / "one" / "lora.safetensors")), load_file(str(d / "two" / "lora.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5)
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)  # training moved B off zero

@@ -1,0 +1,53 @@
+"""Tiny HF models and manifests that tests build in a temporary folder (random weights, seconds to make)."""
+
+import json
+
+import numpy as np
+import torch
+import transformers
+
+WORDS = ("a the red blue green black white small large shirt dress sneaker bag coat boot on left right top "
+         "bottom of and with").split()
+
+def word_tokenizer(path):
+    """A word-level tokenizer over WORDS, saved as HF tokenizer files."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>"] + WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>")
+    tok.save_pretrained(path)
+    return len(vocab)
+
+def tiny_llm(path, seed=0):
+    """A random 2-layer Llama with the word-level tokenizer, saved as an HF folder."""
+    vocab = word_tokenizer(path)
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaModel(cfg).save_pretrained(path)
+    return str(path)
+
+def tiny_clip(path, seed=0, context=8, projection_dim=16):
+    """A random CLIPModel with a short text context and the word-level tokenizer."""
+    vocab = word_tokenizer(path)
+    torch.manual_seed(seed)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=vocab, max_position_embeddings=context, eos_token_id=vocab, bos_token_id=2,
+                         pad_token_id=0),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=16, patch_size=8),
+        projection_dim=projection_dim)
+    transformers.CLIPModel(cfg).save_pretrained(path)
+    return str(path)
+
+def write_manifest(path, n=60, seed=0):
+    """Captions only (the image files are not read by the tests that use this)."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            caps = {"short": [" ".join(rng.choice(WORDS, rng.integers(2, 5))) for _ in range(2)],
+                    "long": [" ".join(rng.choice(WORDS, rng.integers(5, 30))) for _ in range(2)]}
+            f.write(json.dumps({"image": f"{i}.png", "captions": caps}) + "\n")
+    return str(path)
