@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 import model as M
 from dataset import caption_rows, read_manifest
+from kernels import all_gather_with_grad, structure_loss
 
 # -----------------------------------------------------------------------------
 method = "llm2clip"              # llm2clip | proclip
@@ -66,6 +67,7 @@ log_interval = 10
 ckpt_interval = 100
 halt_at = 0                      # stop after checkpointing at this step (tests resume with it); 0 = off
 fixed_batch = False              # train on step 0's batch forever (an overfitting check)
+grad_dump = ""                   # debug: save each step's averaged gradients here (safetensors; tests)
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 # -----------------------------------------------------------------------------
 
@@ -90,26 +92,21 @@ def pick(records, images, field, rng):
 # -----------------------------------------------------------------------------
 # losses
 
-def gather(x):
-    """All ranks' x, concatenated, with the gradient going back to each rank's own rows."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return x
-    from kernels.contrastive import all_gather_with_grad
-    return all_gather_with_grad(x)
-
 def simcse_loss(q, p, scale):
     """Supervised SimCSE (one direction): query i's positive is p_i among the positives of all ranks."""
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    logits = scale * q @ gather(p).T  # (B, W B)
+    logits = scale * q @ all_gather_with_grad(p).T  # (B, W B): every rank's positives, with gradient
     labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
     return F.cross_entropy(logits.float(), labels)
 
-def llm2clip_step(llm, tok, records, images, rng, device):
+def llm2clip_step(llm, tok, records, images, rng, part, device):
+    # choices are drawn for the whole global batch, then this rank takes its part: the same samples
+    # whatever the number of ranks
     a = pick(records, images, query_field, rng)
     b = pick(records, images, key_field, rng)
     flip = rng.random(len(images)) < 0.5
-    queries = [y if f else x for x, y, f in zip(a, b, flip)]
-    keys = [x if f else y for x, y, f in zip(a, b, flip)]
+    queries = [y if f else x for x, y, f in zip(a, b, flip)][part]
+    keys = [x if f else y for x, y, f in zip(a, b, flip)][part]
     q_ids, q_pre = M.tokenize_for_embedding(tok, queries, instruction, max_length)
     k_ids, _ = M.tokenize_for_embedding(tok, keys, "", max_length)
     # one forward for queries and keys together (unpadding makes the mixed lengths cheap)
@@ -119,13 +116,12 @@ def llm2clip_step(llm, tok, records, images, rng, device):
     q, p = emb.split(len(queries))
     return simcse_loss(q, p, simcse_scale)
 
-def proclip_step(adaptor, teacher, clip_tok, caches, records, images, rng, device):
-    from kernels import structure_loss
+def proclip_step(adaptor, teacher, clip_tok, caches, records, images, rng, part, device):
     loss_ins = 0.0
     students = []
     for field in ins_fields.split(","):
         rows_of = caches[field][1]  # image -> its caption rows in the cache
-        rows = [int(rng.choice(rows_of[i])) for i in images]
+        rows = [int(rng.choice(rows_of[i])) for i in images][part]  # drawn for the global batch (as above)
         texts = [caches[field][2][r] for r in rows]
         e = torch.from_numpy(caches[field][0][rows].astype(np.float32)).to(device)  # (B, D) from the memmap
         with torch.no_grad():
@@ -183,6 +179,7 @@ def main(config):
     torch.manual_seed(seed)  # LoRA A and the adaptor start the same on every rank and every run
     records = read_manifest(manifest)
     G = batch_size * world
+    part = slice(rank * batch_size, (rank + 1) * batch_size)  # this rank's share of each global batch
     if len(records) < G:
         raise ValueError(f"{manifest}: {len(records)} images, fewer than one global batch ({G})")
 
@@ -191,7 +188,7 @@ def main(config):
         M.add_lora(net, lora_r, lora_alpha, lora_dropout)
         net.grad_checkpointing = grad_checkpointing
         tok = M.load_tokenizer(model)
-        step_fn = lambda images, rng: llm2clip_step(net, tok, records, images, rng, device)  # noqa: E731
+        step_fn = lambda images, rng: llm2clip_step(net, tok, records, images, rng, part, device)  # noqa: E731
     else:
         from embed_cache import open_cache
         teacher = M.CLIPTextTower.from_pretrained(clip).to(device).eval().requires_grad_(False)
@@ -205,7 +202,7 @@ def main(config):
             caches[field] = (open_cache(cache, field, model, records), rows_of, texts)
         dim = caches[ins_fields.split(",")[0]][0].shape[1]
         net = M.Adaptor.for_method("proclip", dim, adaptor_out or teacher.config.projection_dim).to(device)
-        step_fn = lambda images, rng: proclip_step(net, teacher, clip_tok, caches, records, images, rng, device)  # noqa: E731
+        step_fn = lambda images, rng: proclip_step(net, teacher, clip_tok, caches, records, images, rng, part, device)  # noqa: E731
     trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
     # no decay on norms and biases (1-d tensors)
     groups = [{"params": [p for p in trainable.values() if p.ndim >= 2], "weight_decay": weight_decay},
@@ -238,6 +235,8 @@ def main(config):
             flat /= world
             for p, g in zip(params, flat.split([p.numel() for p in params])):
                 p.grad.copy_(g.view_as(p))
+        if grad_dump and master:
+            save_file({k: p.grad.detach().cpu().contiguous() for k, p in trainable.items()}, grad_dump)
         gnorm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), grad_clip)
         opt.step()
         step += 1
