@@ -2,7 +2,7 @@
 One way to configure every script: its settings are module globals with defaults; each command-line
 argument is either a config file (`config/<name>.py`, plain assignments) or `--key=value`, applied in
 order. Keys must already exist and values keep their type (an int may become a float); anything else is
-an error naming the key. Usage, after the settings block of a script:
+an error naming the key. In a config file, names starting with "_" are private helpers, not settings. Usage, after the settings block of a script:
 
     from configurator import configure
     config = configure(globals())   # the snapshot of all settings, saved with checkpoints
@@ -40,8 +40,9 @@ def configure(g, argv=None):
             source = arg
             scope = {}
             with open(arg) as f:
-                exec(compile(f.read(), arg, "exec"), {}, scope)
-            updates = {k: v for k, v in scope.items() if not k.startswith("_") and type(v).__name__ != "module"}
+                exec(compile(f.read(), arg, "exec"), scope)  # one namespace, so comprehensions see names
+            # settings are the plain values it assigns; imports and helper functions are not settings
+            updates = {k: v for k, v in scope.items() if not k.startswith("_") and type(v) in SETTABLE + (list, dict, tuple)}
         for key, value in updates.items():
             if key not in keys:
                 raise ValueError(f"{source}: unknown setting {key!r} (settings: {', '.join(sorted(keys))})")

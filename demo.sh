@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default data, on whatever device there is. So far (the stages that exist):
 # the demo data and SmolLM2, caption-to-caption retrieval of the raw LLM, LLM2CLIP stage 1, and the same
-# check after it. Each step skips or resumes work already done. About 12 minutes on a 2-core CPU.
+# check after it. Data, SmolLM2 and stage 1 skip work already done; the evaluations run again.
 set -euo pipefail
 cd "$(dirname "$0")"
 out=out/demo

@@ -18,6 +18,7 @@ unfinished chunks and ends with files byte-identical to an uninterrupted run (a 
 depend on what else ran). A cache whose fingerprints do not match the model or manifest is refused.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -52,6 +53,7 @@ def sha256_files(paths):
                 h.update(block)
     return h.hexdigest()
 
+@functools.lru_cache(maxsize=None)
 def model_fingerprint(path):
     """sha256 of config.json and every safetensors file: any change of weights gives another cache."""
     names = ["config.json"] + sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
@@ -97,7 +99,8 @@ def _write_json(path, obj):
 def main():
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # gloo even on GPUs: the ranks only meet at barriers, and uneven work must not trip NCCL's watchdog
+        dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
     else:
@@ -110,31 +113,38 @@ def main():
     rows = {f: caption_rows(records, f)[0] for f in names}
     llm = M.Llama.from_pretrained(model, dtype=getattr(torch, dtype)).to(device).eval()
     tok = M.load_tokenizer(model)
-    meta = dict(model=model, model_sha256=model_fingerprint(model), manifest=manifest,
-                dim=llm.config.hidden_size, dtype="float16", pooling="mean", instruction=instruction,
-                max_length=max_length, chunk_size=chunk_size,
-                fields={f: dict(count=len(t), captions_sha256=text_fingerprint(t)) for f, t in rows.items()})
     meta_path = os.path.join(out_dir, "meta.json")
-    os.makedirs(os.path.join(out_dir, "done"), exist_ok=True)
-    if os.path.isfile(meta_path):  # resume: only into a cache made with exactly these settings
-        with open(meta_path) as f:
-            old = json.load(f)
-        diff = [k for k in meta if old.get(k) != meta[k] and k not in ("model", "manifest")]
-        if diff:
-            raise ValueError(f"{meta_path}: an existing cache made with other {', '.join(diff)}; "
-                             f"delete {out_dir} or choose another out_dir")
-        if old.get("complete"):
-            print(f"{out_dir}: complete already, nothing to do") if rank == 0 else None
-            return
+    # rank 0 checks an existing cache and (re)writes meta.json; the others read its verdict after the barrier
     if rank == 0:
-        _write_json(meta_path, {**meta, "complete": False})
-        for f, texts in rows.items():
-            path = os.path.join(out_dir, f"{f}.npy")
-            if not os.path.isfile(path):  # create under a temporary name: a kill leaves no half header
-                arr = open_memmap(path + ".tmp.npy", mode="w+", dtype=np.float16, shape=(len(texts), meta["dim"]))
-                del arr
-                os.replace(path + ".tmp.npy", path)
-    barrier()
+        # compute dtype and batch size are part of the identity: batches of another size or precision
+        # would give other bytes, and a resumed cache must be byte-identical to an uninterrupted one
+        meta = dict(model=model, model_sha256=model_fingerprint(model), manifest=manifest,
+                    dim=llm.config.hidden_size, dtype="float16", compute_dtype=dtype, batch_size=batch_size,
+                    pooling="mean", instruction=instruction, max_length=max_length, chunk_size=chunk_size,
+                    fields={f: dict(count=len(t), captions_sha256=text_fingerprint(t)) for f, t in rows.items()})
+        os.makedirs(os.path.join(out_dir, "done"), exist_ok=True)
+        old = {}
+        if os.path.isfile(meta_path):  # resume: only into a cache made with exactly these settings
+            with open(meta_path) as f:
+                old = json.load(f)
+            diff = [k for k in meta if old.get(k) != meta[k] and k not in ("model", "manifest")]
+            if diff:
+                raise ValueError(f"{meta_path}: an existing cache made with other {', '.join(diff)}; "
+                                 f"delete {out_dir} or choose another out_dir")
+        if not old.get("complete"):
+            _write_json(meta_path, {**meta, "complete": False})
+            for f, texts in rows.items():
+                path = os.path.join(out_dir, f"{f}.npy")
+                if not os.path.isfile(path):  # create under a temporary name: a kill leaves no half header
+                    arr = open_memmap(path + ".tmp.npy", mode="w+", dtype=np.float16, shape=(len(texts), meta["dim"]))
+                    del arr
+                    os.replace(path + ".tmp.npy", path)
+    barrier()  # (a rank 0 that raised above takes the others down with it: torchrun ends the job)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta["complete"]:
+        print(f"{out_dir}: complete already, nothing to do") if rank == 0 else None
+        return
 
     work = [(f, c) for f, texts in rows.items() for c in range((len(texts) + chunk_size - 1) // chunk_size)]
     mine = [(f, c) for i, (f, c) in enumerate(work) if i % world == rank]

@@ -236,6 +236,8 @@ def _clip_tower_state(sd, prefixes, path):
     other = ("text_model.", "text_projection.", "vision_model.", "visual_projection.", "logit_scale")
     out = {}
     for k, v in sd.items():
+        if k.endswith("embeddings.position_ids"):
+            continue  # a derived buffer that older HF checkpoints (e.g. OpenAI's) stored
         if k.startswith(prefixes):
             out[k] = v
         elif not k.startswith(other):
@@ -371,9 +373,10 @@ class CLIPTextTower(nn.Module):
         """Where each row's pooled token is: the first EOS (HF's rule), or argmax id for old configs (eos 2).
         A row without EOS (cut off by hand) pools its last real token instead of HF's silent position 0."""
         eos = self.config.eos_token_id
+        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         if eos == 2:
-            return input_ids.to(torch.int).argmax(-1)
-        is_eos = input_ids == eos
+            return torch.where(real, input_ids, -1).to(torch.int).argmax(-1)
+        is_eos = (input_ids == eos) & real  # OpenAI's tokenizer pads with EOS: only real tokens count
         last = _last_real(input_ids, attention_mask)
         return torch.where(is_eos.any(-1), is_eos.to(torch.int).argmax(-1), last)
 
@@ -490,7 +493,7 @@ def save_lora(model, path):
     if not sd:
         raise ValueError("the model has no LoRA adapters to save")
     meta = {"lora_config": json.dumps(model.lora_config)}
-    _atomic(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
 
 def load_lora(model, path):
     """Add adapters as saved in `path` (by save_lora) and load their weights; keys must match exactly."""
@@ -509,15 +512,24 @@ def load_lora(model, path):
     model.load_state_dict(sd, strict=False)
     return model
 
-def _atomic(path, write):
-    """Write to a temporary name, then rename: a kill never leaves a half-written file or folder."""
-    tmp = path + ".tmp"
-    if os.path.isdir(tmp):
-        shutil.rmtree(tmp)
+def atomic_write(path, write):
+    """write(tmp) into a temporary name, then swap it in: a kill never leaves a half-written file or
+    folder at `path`. A folder being replaced is first renamed to `path.old` (removed after the swap);
+    `recover(path)` brings it back if a kill fell between the two renames."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
     if os.path.isdir(path):
-        shutil.rmtree(path)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
     os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+def recover(path):
+    """After a kill inside atomic_write: the previous complete folder is at `path.old`."""
+    if not os.path.exists(path) and os.path.isdir(path + ".old"):
+        os.replace(path + ".old", path)
+    return path
 
 # -----------------------------------------------------------------------------
 # Llama as a text encoder
@@ -638,7 +650,9 @@ class Llama(nn.Module):
         self._inv_freq = rope_inv_freq(cfg)  # fp32 always: not a buffer, so .to(bfloat16) cannot round it
 
     def rope(self, position_ids, dtype):
-        inv_freq = self._inv_freq.to(position_ids.device)
+        if self._inv_freq.device != position_ids.device:
+            self._inv_freq = self._inv_freq.to(position_ids.device)  # once; still fp32
+        inv_freq = self._inv_freq
         freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(-2)  # (B, T, 1, hd): broadcasts over heads
         return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -747,7 +761,7 @@ class Llama(nn.Module):
                 for n in TOKENIZER_FILES:
                     if os.path.isfile(os.path.join(src, n)):
                         shutil.copy(os.path.join(src, n), os.path.join(tmp, n))
-        _atomic(out, write)
+        atomic_write(out, write)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -775,9 +789,10 @@ def llama_hf_dict(cfg: LlamaConfig):
 # pooling
 
 def mean_pool(hidden, mask):
-    """(B, T, D), (B, T) 0/1 -> (B, D): mean over the tokens where mask is 1, accumulated in fp32."""
+    """(B, T, D), (B, T) 0/1 -> (B, D) fp32: mean over the tokens where mask is 1 (fp32 whatever the
+    model's dtype, so a bf16 model's embedding is not rounded before it is normalised and stored)."""
     m = mask.to(torch.float32).unsqueeze(-1)
-    return ((hidden.float() * m).sum(1) / m.sum(1).clamp(min=1.0)).to(hidden.dtype)
+    return (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 def skip_instruction(attention_mask, n_instruction):
     """The pooling mask that drops the first n_instruction[i] real tokens of each row (LLM2Vec's "skip
@@ -797,7 +812,8 @@ def tokenize_for_embedding(tokenizer, texts, instruction="", max_length=512):
     room = max_length - len(bos) - len(instr)
     if room < 1:
         raise ValueError(f"max_length {max_length} leaves no room for the caption after the instruction")
-    captions = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    # with an instruction the caption follows it after a space, as in the text "instruction caption"
+    captions = tokenizer([" " + t if instruction else t for t in texts], add_special_tokens=False)["input_ids"]
     ids = [bos + instr + c[:room] for c in captions]
     return ids, [len(bos) + len(instr) if instruction else 0] * len(ids)
 

@@ -17,13 +17,16 @@ Stage 1: make the LLM's caption embeddings something CLIP can align to.
 Settings below; override with config files and --key=value (configurator.py). `batch_size` is per rank.
 Every step's images and caption choices are a function of (seed, step) and of the global batch only, so
 a resumed run (checkpoint every `ckpt_interval` steps, and at the end) ends with the same weights as an
-uninterrupted one, and N ranks see the same global batch as one process with N times the batch.
+uninterrupted one. For llm2clip, N ranks take the same step as one process with N times the batch (the
+loss is a mean, the negatives are gathered). ProCLIP's two terms are sums over each rank's own batch, as
+in the paper's code (DESIGN.md section 4): with more ranks each L_struct sees pairs within a rank only.
+Differences from the paper's setup, on purpose: no chat template around captions (the LLM2Vec-style
+"instruction caption" text is used for every model) and no hard negatives (one positive per query).
 """
 
 import json
 import math
 import os
-import shutil
 import time
 
 import numpy as np
@@ -95,9 +98,10 @@ def pick(records, images, field, rng):
 def simcse_loss(q, p, scale):
     """Supervised SimCSE (one direction): query i's positive is p_i among the positives of all ranks."""
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    logits = scale * q @ all_gather_with_grad(p).T  # (B, W B): every rank's positives, with gradient
+    with torch.autocast(q.device.type, enabled=False):  # fp32 logits: at scale 50, bf16 would round by ~0.1
+        logits = scale * q.float() @ all_gather_with_grad(p.float()).T  # (B, W B), with gradient
     labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
-    return F.cross_entropy(logits.float(), labels)
+    return F.cross_entropy(logits, labels)
 
 def llm2clip_step(llm, tok, records, images, rng, part, device):
     # choices are drawn for the whole global batch, then this rank takes its part: the same samples
@@ -124,8 +128,9 @@ def proclip_step(adaptor, teacher, clip_tok, caches, records, images, rng, part,
         rows = [int(rng.choice(rows_of[i])) for i in images][part]  # drawn for the global batch (as above)
         texts = [caches[field][2][r] for r in rows]
         e = torch.from_numpy(caches[field][0][rows].astype(np.float32)).to(device)  # (B, D) from the memmap
-        with torch.no_grad():
-            c = F.normalize(teacher(*teacher.tokenize(clip_tok, texts)).float(), dim=-1)
+        ids, am = teacher.tokenize(clip_tok, texts)
+        with torch.no_grad(), torch.autocast(e.device.type, enabled=False):  # fp32 targets
+            c = F.normalize(teacher(ids.to(device), am.to(device)).float(), dim=-1)
         s = F.normalize(adaptor(e).float(), dim=-1)
         loss_ins = loss_ins + (s - c).pow(2).sum()
         students.append((s, c))
@@ -136,15 +141,13 @@ def proclip_step(adaptor, teacher, clip_tok, caches, records, images, rng, part,
 # checkpoints: trainable tensors (safetensors) + optimizer (torch.save) + state (JSON), swapped in whole
 
 def save_checkpoint(path, trainable, opt, step, config):
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, os.path.join(tmp, "weights.safetensors"))
-    torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump({"step": step, "config": config}, f, indent=2)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    def write(tmp):
+        os.makedirs(tmp)
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, os.path.join(tmp, "weights.safetensors"))
+        torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": step, "config": config}, f, indent=2)
+    M.atomic_write(path, write)
 
 def load_checkpoint(path, trainable, opt):
     sd = load_file(os.path.join(path, "weights.safetensors"))
@@ -154,9 +157,14 @@ def load_checkpoint(path, trainable, opt):
     with torch.no_grad():
         for k, v in trainable.items():
             v.copy_(sd[k])
-    opt.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    opt.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
     with open(os.path.join(path, "state.json")) as f:
-        return json.load(f)["step"]
+        state = json.load(f)
+    changed = [k for k in ("batch_size", "seed", "max_steps", "method") if state["config"].get(k) != globals()[k]]
+    if changed:
+        raise ValueError(f"{path}: made with other {', '.join(changed)}; resuming would change the run "
+                         f"(use another out_dir)")
+    return state["step"]
 
 # -----------------------------------------------------------------------------
 
@@ -173,6 +181,8 @@ def main(config):
     master = rank == 0
     if method not in ("llm2clip", "proclip"):
         raise ValueError(f"method {method!r}: expected llm2clip or proclip")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype {dtype!r}: float32 or bfloat16 (float16 would need a gradient scaler)")
     amp = torch.autocast("cuda", dtype=getattr(torch, dtype)) if "cuda" in device and dtype != "float32" \
         else torch.autocast("cpu", enabled=False)
 
@@ -184,7 +194,10 @@ def main(config):
         raise ValueError(f"{manifest}: {len(records)} images, fewer than one global batch ({G})")
 
     if method == "llm2clip":
-        net = M.Llama.from_pretrained(model).to(device)
+        for f in (query_field, key_field):
+            caption_rows(records, f)  # every image must have captions in both fields: fail now, not mid-run
+        # the frozen base in the compute dtype; the LoRA tensors add_lora creates stay fp32
+        net = M.Llama.from_pretrained(model, dtype=getattr(torch, dtype)).to(device)
         M.add_lora(net, lora_r, lora_alpha, lora_dropout)
         net.grad_checkpointing = grad_checkpointing
         tok = M.load_tokenizer(model)
@@ -209,7 +222,7 @@ def main(config):
               {"params": [p for p in trainable.values() if p.ndim < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
-    ckpt = os.path.join(out_dir, "ckpt")
+    ckpt = M.recover(os.path.join(out_dir, "ckpt"))
     step = load_checkpoint(ckpt, trainable, opt) if os.path.isdir(ckpt) else 0
     if master:
         os.makedirs(out_dir, exist_ok=True)
@@ -217,7 +230,7 @@ def main(config):
               f"global batch {G}, {'resuming at step ' + str(step) if step else 'from scratch'}")
     log = open(os.path.join(out_dir, "log.jsonl"), "a") if master else None
     net.train()
-    t_last, t_start = None, time.time()
+    t_last, step_last, t_start = None, 0, time.time()
     while step < max_steps:
         images, rng = global_batch(step, len(records), G)
         for g in opt.param_groups:
@@ -240,18 +253,22 @@ def main(config):
         gnorm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), grad_clip)
         opt.step()
         step += 1
-        if master and (step % log_interval == 0 or step == max_steps or step == 1):
+        if step % log_interval == 0 or step == max_steps or step == 1:
+            lval = loss.detach().clone()
+            if ddp:  # every rank joins the all-reduce; rank 0 prints
+                dist.all_reduce(lval)
+                lval /= world  # the global loss (llm2clip); the mean of the ranks' sums (proclip)
             if "cuda" in device:
                 torch.cuda.synchronize()
             now = time.time()
-            ms = (now - t_last) * 1000 / log_interval if t_last else float("nan")
-            t_last = now
-            eta = (max_steps - step) * ms / 1000 if ms == ms else float("nan")
-            lval = loss.item()
-            print(f"step {step}/{max_steps} | loss {lval:.4f} | lr {lr_at(step - 1):.2e} | grad norm "
-                  f"{gnorm.item():.3f} | {ms:.0f} ms/step | {G * 1000 / ms:.1f} samples/s | ETA {eta:.0f}s")
-            log.write(json.dumps({"step": step, "loss": lval, "lr": lr_at(step - 1), "grad_norm": gnorm.item()}) + "\n")
-            log.flush()
+            ms = (now - t_last) * 1000 / (step - step_last) if t_last else float("nan")  # not the 1st step
+            t_last, step_last = now, step
+            if master:
+                lval, gn, lr_now = lval.item(), gnorm.item(), lr_at(step - 1)
+                print(f"step {step}/{max_steps} | loss {lval:.4f} | lr {lr_now:.2e} | grad norm {gn:.3f} | "
+                      f"{ms:.0f} ms/step | {G * 1000 / ms:.1f} samples/s | ETA {(max_steps - step) * ms / 1000:.0f}s")
+                log.write(json.dumps({"step": step, "loss": lval, "lr": lr_now, "grad_norm": gn}) + "\n")
+                log.flush()
         if master and (step % ckpt_interval == 0 or step == max_steps or step == halt_at):
             save_checkpoint(ckpt, trainable, opt, step, config)
         if step == halt_at:
@@ -263,8 +280,8 @@ def main(config):
             M.save_lora(net, os.path.join(out_dir, "lora.safetensors"))
             net.save_pretrained(os.path.join(out_dir, "merged"))
         else:
-            save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()},
-                      os.path.join(out_dir, "adaptor.safetensors"))
+            sd = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+            M.atomic_write(os.path.join(out_dir, "adaptor.safetensors"), lambda tmp: save_file(sd, tmp))
             with open(os.path.join(out_dir, "adaptor.json"), "w") as f:
                 json.dump(vars(net.config), f, indent=2)
         print(f"done in {time.time() - t_start:.0f}s: {out_dir}")

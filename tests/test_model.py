@@ -98,6 +98,30 @@ def test_clip_text_matches_hf_with_padding(clip_folder):
         close(tower(ids, mask), hf.get_text_features(input_ids=ids, attention_mask=mask).pooler_output,
               "CLIP text_embeds")
 
+def test_clip_text_pad_with_eos_either_side(clip_folder):
+    """OpenAI's CLIP tokenizer pads with the EOS token: pooling must pick the real EOS, left or right."""
+    tower = M.CLIPTextTower.from_pretrained(clip_folder[0]).eval()
+    ids, mask = clip_text_batch(eos=99, pad=99)
+    left_ids, left_mask = torch.full_like(ids, 99), torch.zeros_like(mask)
+    for i, L in enumerate(mask.sum(1).tolist()):  # the same rows, padded on the left
+        left_ids[i, ids.shape[1] - L:], left_mask[i, ids.shape[1] - L:] = ids[i, :L], 1
+    with torch.no_grad():
+        alone = torch.cat([tower(ids[i:i + 1, :L]) for i, L in enumerate(mask.sum(1).tolist())])
+        close(tower(ids, mask), alone, "CLIP text, right-padded with EOS")
+        close(tower(left_ids, left_mask), alone, "CLIP text, left-padded with EOS")
+
+def test_clip_loads_old_checkpoints_with_position_ids(clip_folder, tmp_path):
+    """Older HF CLIP checkpoints (OpenAI's among them) store the position_ids buffers."""
+    path, hf = clip_folder
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    sd["vision_model.embeddings.position_ids"] = torch.arange(17)[None]
+    sd["text_model.embeddings.position_ids"] = torch.arange(12)[None]
+    old = _copy_folder(path, tmp_path / "old", sd)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        close(M.ViT.from_pretrained(old)(x), M.ViT.from_pretrained(path)(x), "ViT from an old checkpoint")
+    M.CLIPTextTower.from_pretrained(old)
+
 def test_clip_text_legacy_eos_2(tmp_path):
     """Old configs say eos_token_id=2; HF then pools at the largest token id, and so must we."""
     cfg = clip_config(eos=2)
@@ -402,3 +426,12 @@ def test_adaptor_normalises_its_input():
     a = M.Adaptor(M.AdaptorConfig(in_dim=16, out_dim=8, n_blocks=2, expansion=2))
     x = torch.randn(4, 16)
     torch.testing.assert_close(a(x), a(7.5 * x))
+
+def test_atomic_write_recovers_from_a_kill_between_renames(tmp_path):
+    path = str(tmp_path / "ckpt")
+    M.atomic_write(path, lambda tmp: os.makedirs(tmp) or open(os.path.join(tmp, "a"), "w").write("1"))
+    M.atomic_write(path, lambda tmp: os.makedirs(tmp) or open(os.path.join(tmp, "a"), "w").write("2"))
+    assert open(os.path.join(path, "a")).read() == "2" and not os.path.exists(path + ".old")
+    os.replace(path, path + ".old")  # what a kill right after the first rename leaves
+    M.recover(path)
+    assert open(os.path.join(path, "a")).read() == "2"
