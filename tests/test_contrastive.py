@@ -201,10 +201,10 @@ def test_distributed_two_processes(tmp_path):
             if p.poll() is None:
                 p.kill()
     assert codes == [0, 0]
-    a, b, s = torch.load(tmp_path / "inputs.pt")
+    a, b, s = torch.load(tmp_path / "inputs.pt", weights_only=True)
     ref = loss_and_grads(contrastive_loss_reference, a.double(), b.double(), s.double())
     n = a.shape[0] // world
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     for path in ("triton", "reference"):
         loss = sum(res[path][0] for res in results) / world
         da = torch.cat([res[path][1] for res in results]) / world  # DDP divides by the world size
