@@ -57,6 +57,10 @@ def test_vit_matches_hf(clip_folder):
         close(vit.forward_features(x), ref.last_hidden_state, "ViT last_hidden_state")
         close(vit(x), hf.get_image_features(pixel_values=x).pooler_output, "ViT image_embeds")
 
+def test_read_logit_scale(clip_folder):
+    path, hf = clip_folder
+    assert torch.equal(M.read_logit_scale(path), hf.logit_scale.detach())
+
 def test_vit_interpolates_position_embeddings(clip_folder):
     path, hf = clip_folder
     vit = M.ViT.from_pretrained(path).eval()
