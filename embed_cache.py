@@ -91,11 +91,6 @@ def _touch(path):
         pass
     os.replace(path + ".tmp", path)
 
-def _write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
-
 def main():
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
@@ -132,7 +127,7 @@ def main():
                 raise ValueError(f"{meta_path}: an existing cache made with other {', '.join(diff)}; "
                                  f"delete {out_dir} or choose another out_dir")
         if not old.get("complete"):
-            _write_json(meta_path, {**meta, "complete": False})
+            M.write_json(meta_path, {**meta, "complete": False})
             for f, texts in rows.items():
                 path = os.path.join(out_dir, f"{f}.npy")
                 if not os.path.isfile(path):  # create under a temporary name: a kill leaves no half header
@@ -169,7 +164,7 @@ def main():
         missing = [(f, c) for f, c in work if not os.path.exists(os.path.join(out_dir, "done", f"{f}.{c:06d}"))]
         if missing:
             raise RuntimeError(f"{out_dir}: chunks {missing[:5]} were not finished; run again to complete")
-        _write_json(meta_path, {**meta, "complete": True})
+        M.write_json(meta_path, {**meta, "complete": True})
         print(f"wrote {out_dir}: " + ", ".join(f"{f} {len(t)}x{meta['dim']}" for f, t in rows.items()))
     if ddp:
         dist.destroy_process_group()

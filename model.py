@@ -525,6 +525,13 @@ def atomic_write(path, write):
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
 
+def write_json(path, obj):
+    """A JSON file written through atomic_write."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    atomic_write(path, write)
+
 def recover(path):
     """After a kill inside atomic_write: the previous complete folder is at `path.old`."""
     if not os.path.exists(path) and os.path.isdir(path + ".old"):

@@ -282,8 +282,7 @@ def main(config):
         else:
             sd = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
             M.atomic_write(os.path.join(out_dir, "adaptor.safetensors"), lambda tmp: save_file(sd, tmp))
-            with open(os.path.join(out_dir, "adaptor.json"), "w") as f:
-                json.dump(vars(net.config), f, indent=2)
+            M.write_json(os.path.join(out_dir, "adaptor.json"), vars(net.config))
         print(f"done in {time.time() - t_start:.0f}s: {out_dir}")
     if ddp:
         dist.destroy_process_group()

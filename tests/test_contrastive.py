@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import assert_close_to_fp64
 
 from kernels import contrastive as C
 from kernels.contrastive import contrastive_loss, contrastive_loss_reference
@@ -41,14 +42,6 @@ def loss_and_grads(fn, a, b, s, **kw):
     loss = fn(a, b, s, **kw)
     loss.backward()
     return [loss.detach(), a.grad, b.grad, s.grad]
-
-
-def assert_close_to_fp64(ours, lowp, ref, names):
-    for o, t, r, name in zip(ours, lowp, ref, names):
-        err = (o.double() - r).abs().max().item()
-        base = (t.double() - r).abs().max().item()
-        floor = 2**-20 * r.abs().max().item()
-        assert err <= 2 * base + floor, f"{name}: error {err:.3e} > 2 x torch's {base:.3e} + {floor:.3e}"
 
 
 # Every N, D, s, dtype and kind of input is covered, not their full product (the interpreter is slow).

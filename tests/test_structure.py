@@ -8,6 +8,7 @@ For half inputs PyTorch's own computation is fp32 pdist (pdist has no half kerne
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import assert_close_to_fp64
 
 from kernels.structure import (gram_structure_loss, gram_structure_loss_reference, structure_loss,
                                structure_loss_reference)
@@ -32,14 +33,6 @@ def loss_and_grads(fn, s, t, **kw):
     loss = fn(s, t, **kw)
     loss.backward()
     return [loss.detach(), s.grad, t.grad]
-
-
-def assert_close_to_fp64(ours, lowp, ref, names):
-    for o, t, r, name in zip(ours, lowp, ref, names):
-        err = (o.double() - r).abs().max().item()
-        base = (t.double() - r).abs().max().item()
-        floor = 2**-20 * r.abs().max().item()
-        assert err <= 2 * base + floor, f"{name}: error {err:.3e} > 2 x torch's {base:.3e} + {floor:.3e}"
 
 
 CASES = [  # N, D_student, D_teacher, beta, dtype, student kind, teacher kind
