@@ -85,7 +85,7 @@ def _record_faults(rec, fields, need_label):
     return faults
 
 
-def _image_fault(path):
+def image_fault(path):
     """None if Pillow fully decodes the file, else why not."""
     if not os.path.isfile(path):
         return f"image file not found: {path}"
@@ -124,7 +124,7 @@ def check_manifest(path, fields=None, decode=True, label=False):
         faults += [(n, msg) for msg in bad]
         if isinstance(rec, dict) and isinstance(rec.get("image"), str) and rec["image"]:
             p = image_path(path, rec)
-            why = _image_fault(p) if decode else (None if os.path.isfile(p) else f"image file not found: {p}")
+            why = image_fault(p) if decode else (None if os.path.isfile(p) else f"image file not found: {p}")
             if why:
                 faults.append((n, why))
     if not lines:
@@ -242,6 +242,9 @@ class ImageDataset(Dataset):
         return image_path(self.manifest, self.records[i])
 
     def __getitem__(self, i):
+        epoch = self.epoch
+        if isinstance(i, tuple):  # (i, epoch): that epoch's crop, whatever set_epoch said (trainers' samplers)
+            i, epoch = i
         path = self.path(i)
         try:
             with Image.open(path) as img:
@@ -255,7 +258,7 @@ class ImageDataset(Dataset):
             return None
         if self.train:
             # seeded from (seed, epoch, i) only: the same crop whatever the worker, batch or resume point
-            s = np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(2)
+            s = np.random.SeedSequence([self.seed, epoch, i]).generate_state(2)
             x = train_transform(img, self.size, torch.Generator().manual_seed(int(s[0]) << 32 | int(s[1])))
         else:
             x = eval_transform(img, self.size)

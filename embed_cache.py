@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import model as M
 from dataset import caption_rows, read_manifest
+from train_common import setup_distributed
 
 # -----------------------------------------------------------------------------
 manifest = "data/fashion/train.jsonl"
@@ -92,15 +93,8 @@ def _touch(path):
     os.replace(path + ".tmp", path)
 
 def main():
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        # gloo even on GPUs: the ranks only meet at barriers, and uneven work must not trip NCCL's watchdog
-        dist.init_process_group("gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
-    else:
-        rank, world = 0, 1
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    # gloo even on GPUs: the ranks only meet at barriers, and uneven work must not trip NCCL's watchdog
+    ddp, rank, world, device = setup_distributed("gloo")
     barrier = dist.barrier if ddp else (lambda: None)
 
     records = read_manifest(manifest)

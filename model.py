@@ -886,3 +886,24 @@ class Adaptor(nn.Module):
         if method not in ADAPTOR_PRESETS:
             raise ValueError(f"method {method!r}: expected one of {sorted(ADAPTOR_PRESETS)}")
         return cls(AdaptorConfig(in_dim=in_dim, out_dim=out_dim, **ADAPTOR_PRESETS[method]))
+
+    def save_pretrained(self, out):
+        """out/adaptor.safetensors + out/adaptor.json (its AdaptorConfig), each written atomically."""
+        from safetensors.torch import save_file
+        os.makedirs(out, exist_ok=True)
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        atomic_write(os.path.join(out, "adaptor.safetensors"), lambda tmp: save_file(sd, tmp))
+        write_json(os.path.join(out, "adaptor.json"), vars(self.config))
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """What save_pretrained wrote into the folder `path`; every key and shape checked."""
+        from safetensors.torch import load_file
+        cfg_path = os.path.join(path, "adaptor.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{path}: no adaptor.json (expected a folder with an adaptor, e.g. ProCLIP stage 1's out_dir)")
+        with open(cfg_path) as f:
+            cfg = _from_dict(AdaptorConfig, json.load(f))
+        with torch.device("meta"):
+            model = cls(cfg)
+        return _load_into(model, load_file(os.path.join(path, "adaptor.safetensors")), path)

@@ -25,7 +25,6 @@ Differences from the paper's setup, on purpose: no chat template around captions
 """
 
 import json
-import math
 import os
 import time
 
@@ -33,11 +32,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import model as M
 from dataset import caption_rows, read_manifest
 from kernels import all_gather_with_grad, structure_loss
+from train_common import cosine_lr, global_batch, load_checkpoint, save_checkpoint, setup_distributed
 
 # -----------------------------------------------------------------------------
 method = "llm2clip"              # llm2clip | proclip
@@ -73,21 +73,10 @@ fixed_batch = False              # train on step 0's batch forever (an overfitti
 grad_dump = ""                   # debug: save each step's averaged gradients here (safetensors; tests)
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 # -----------------------------------------------------------------------------
+MUST_MATCH = ("batch_size", "seed", "max_steps", "method")  # a checkpoint resumes only with these unchanged
 
 def lr_at(step):
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    t = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    return min_lr + 0.5 * (1 + math.cos(math.pi * min(t, 1.0))) * (lr - min_lr)
-
-def global_batch(step, n_images, G):
-    """(image indices, a generator for caption choices) of one global batch: a function of (seed, step)."""
-    if fixed_batch:
-        step = 0
-    n_full = n_images - n_images % G  # whole batches per epoch; the rest waits for a later epoch
-    epoch, offset = divmod(step * G, n_full)
-    perm = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed + epoch))
-    return perm[offset:offset + G].tolist(), np.random.default_rng([seed, step])
+    return cosine_lr(step, lr, min_lr, warmup_steps, max_steps)
 
 def pick(records, images, field, rng):
     return [rng.choice(records[i]["captions"][field]) for i in images]
@@ -138,46 +127,9 @@ def proclip_step(adaptor, teacher, clip_tok, caches, records, images, rng, part,
     return loss_ins + structure_loss(s, c, beta=struct_beta)
 
 # -----------------------------------------------------------------------------
-# checkpoints: trainable tensors (safetensors) + optimizer (torch.save) + state (JSON), swapped in whole
-
-def save_checkpoint(path, trainable, opt, step, config):
-    def write(tmp):
-        os.makedirs(tmp)
-        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, os.path.join(tmp, "weights.safetensors"))
-        torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"step": step, "config": config}, f, indent=2)
-    M.atomic_write(path, write)
-
-def load_checkpoint(path, trainable, opt):
-    sd = load_file(os.path.join(path, "weights.safetensors"))
-    if set(sd) != set(trainable):
-        raise KeyError(f"{path}: checkpoint tensors do not match the model's trainable ones "
-                       f"(e.g. {sorted(set(sd) ^ set(trainable))[:3]})")
-    with torch.no_grad():
-        for k, v in trainable.items():
-            v.copy_(sd[k])
-    opt.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
-    changed = [k for k in ("batch_size", "seed", "max_steps", "method") if state["config"].get(k) != globals()[k]]
-    if changed:
-        raise ValueError(f"{path}: made with other {', '.join(changed)}; resuming would change the run "
-                         f"(use another out_dir)")
-    return state["step"]
-
-# -----------------------------------------------------------------------------
 
 def main(config):
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
-        if device != "cpu":
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
+    ddp, rank, world, device = setup_distributed()
     master = rank == 0
     if method not in ("llm2clip", "proclip"):
         raise ValueError(f"method {method!r}: expected llm2clip or proclip")
@@ -223,7 +175,7 @@ def main(config):
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
     ckpt = M.recover(os.path.join(out_dir, "ckpt"))
-    step = load_checkpoint(ckpt, trainable, opt) if os.path.isdir(ckpt) else 0
+    step = load_checkpoint(ckpt, trainable, opt, config, MUST_MATCH) if os.path.isdir(ckpt) else 0
     if master:
         os.makedirs(out_dir, exist_ok=True)
         print(f"{method}: {sum(p.numel() for p in trainable.values()) / 1e6:.2f}M trainable parameters, "
@@ -232,7 +184,7 @@ def main(config):
     net.train()
     t_last, step_last, t_start = None, 0, time.time()
     while step < max_steps:
-        images, rng = global_batch(step, len(records), G)
+        _, images, rng = global_batch(seed, step, len(records), G, fixed_batch)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         torch.manual_seed(seed + 100003 * step + rank)  # dropout: a function of (step, rank), for resume
@@ -280,9 +232,7 @@ def main(config):
             M.save_lora(net, os.path.join(out_dir, "lora.safetensors"))
             net.save_pretrained(os.path.join(out_dir, "merged"))
         else:
-            sd = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-            M.atomic_write(os.path.join(out_dir, "adaptor.safetensors"), lambda tmp: save_file(sd, tmp))
-            M.write_json(os.path.join(out_dir, "adaptor.json"), vars(net.config))
+            net.save_pretrained(out_dir)
         print(f"done in {time.time() - t_start:.0f}s: {out_dir}")
     if ddp:
         dist.destroy_process_group()

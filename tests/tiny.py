@@ -51,3 +51,10 @@ def write_manifest(path, n=60, seed=0):
                     "long": [" ".join(rng.choice(WORDS, rng.integers(5, 30))) for _ in range(2)]}
             f.write(json.dumps({"image": f"{i}.png", "captions": caps}) + "\n")
     return str(path)
+
+def write_images(folder, n, size=16, seed=0):
+    """n random RGB PNGs named 0.png ... (n-1).png, as write_manifest's records name them."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(f"{folder}/{i}.png")

@@ -47,9 +47,9 @@ ROOT = HERE.parent.parent
 # -----------------------------------------------------------------------------
 out = str(HERE / "out")  # where everything goes (the lead gitignores data/fashion/out/)
 src = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
-n_train = 4000  # composite images; 4 Fashion-MNIST items each. Sized so the whole CPU demo takes minutes
+n_train = 2000  # composite images; 4 Fashion-MNIST items each. Sized so the whole CPU demo takes minutes
 n_val = 500
-n_test = 1000  # retrieval over 1000 images: short captions ambiguous (~17 matches), long ones unique
+n_test = 500  # retrieval over 500 images: short captions ambiguous (~8 matches), long ones unique
 image_size = 64  # 2x2 cells of 32 px, each a 28 px item at a random offset; 8x8 patches of 8 px for a ViT
 seed = 1337
 cupl_classes = 100  # CuPL caption-to-caption set: this many ImageNet classes (0: skip it) ...

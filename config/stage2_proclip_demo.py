@@ -1,0 +1,22 @@
+# ProCLIP stage 2 on the Fashion demo: the base CLIP's ViT with its own projection, the adaptor from
+# ProCLIP stage 1 over raw SmolLM2's cached embeddings, and the EMA teacher (settings as LLM2CLIP's demo).
+method = "proclip"
+manifest = "data/fashion/out/train.jsonl"
+clip = "out/demo/base_clip/model"
+llm = "data/smollm2/hf"
+cache = "out/demo/cache/raw_train"
+stage1 = "out/demo/stage1_proclip"
+out_dir = "out/demo/proclip"
+fields = "short,long"
+ema_momentum = 0.999
+distill_lambda = 0.1
+batch_size = 128
+max_steps = 150
+warmup_steps = 15
+lr = 5e-4
+min_lr = 1e-5
+layer_decay = 0.85
+weight_decay = 0.05
+num_workers = 1
+log_interval = 25
+ckpt_interval = 50

@@ -1,0 +1,186 @@
+"""train_stage2.py on tiny models and real (random) image files: the loss falls on a fixed batch for every
+method, a halted and resumed run ends with the same weights as an uninterrupted one, two torchrun ranks
+take the step of one process with the global batch, the exports load (the base CLIP in transformers too),
+and the faults: a corrupt image, a cache of another LLM, a NaN loss."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import model as M
+from tiny import tiny_clip, tiny_llm, write_images, write_manifest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N = 24
+
+def run(args, script="train_stage2.py", torchrun=0, check=True):
+    launch = [sys.executable] if not torchrun else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+    r = subprocess.run(launch + [script] + [f"--{k}={v}" for k, v in args.items()], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stage2")
+    (d / "data").mkdir()
+    manifest = write_manifest(d / "data" / "m.jsonl", n=N)
+    write_images(d / "data", N)
+    llm = tiny_llm(d / "llm")
+    run(dict(model=llm, manifest=manifest, out_dir=d / "cache"), script="embed_cache.py")
+    clip = tiny_clip(d / "clip")
+    # a ProCLIP stage-1 adaptor (random: stage 2 only needs its shape)
+    torch.manual_seed(0)
+    M.Adaptor.for_method("proclip", 32, 16).save_pretrained(str(d / "stage1"))
+    return dict(dir=d, manifest=manifest, llm=llm, clip=clip, cache=str(d / "cache"), stage1=str(d / "stage1"))
+
+def train(setup, out, method="llm2clip", torchrun=0, check=True, **kw):
+    args = dict(method=method, manifest=setup["manifest"], clip=setup["clip"], llm=setup["llm"], cache=setup["cache"],
+                out_dir=out, batch_size=8, max_steps=6, warmup_steps=2, lr=1e-3, embed_dim=16, log_interval=1,
+                num_workers=0, tokenizer=setup["clip"], image_size=16, patch_size=8, vision_width=32,
+                vision_layers=2, text_width=32, text_layers=2, context_length=8)
+    if method == "proclip":
+        args["stage1"] = setup["stage1"]
+    if method == "clip":
+        args["embed_dim"] = 0
+    args.update(kw)
+    r = run(args, torchrun=torchrun, check=check)
+    log = os.path.join(out, "log.jsonl")
+    return r, [json.loads(line) for line in open(log)] if os.path.isfile(log) else []
+
+def weights(out):
+    return load_file(os.path.join(out, "ckpt", "weights.safetensors"))
+
+@pytest.mark.parametrize("method,kw", [("llm2clip", {}), ("proclip", {}), ("clip", {"clip": ""})])
+def test_loss_falls_on_a_fixed_batch(setup, method, kw):
+    _, log = train(setup, setup["dir"] / f"overfit_{method}", method, fixed_batch=True, max_steps=30,
+                   lr=3e-3, min_lr=3e-3, warmup_steps=1, layer_decay=1.0, **kw)
+    first, last = log[0]["infonce"], log[-1]["infonce"]
+    print(f"{method}: InfoNCE {first:.4f} -> {last:.4f}")
+    assert last < 0.5 * first
+
+@pytest.mark.parametrize("method,kw", [("llm2clip", {}), ("proclip", {"distill_lambda": 1.0, "ema_momentum": 0.5}),
+                                       ("clip", {"clip": ""})])
+def test_resume_gives_the_same_weights(setup, method, kw):
+    d = setup["dir"]
+    train(setup, d / f"straight_{method}", method, **kw)
+    r, _ = train(setup, d / f"halted_{method}", method, halt_at=3, **kw)
+    assert not os.path.exists(d / f"halted_{method}" / "model")  # it really stopped
+    train(setup, d / f"halted_{method}", method, **kw)  # resumes from the step-3 checkpoint
+    a, b = weights(d / f"straight_{method}"), weights(d / f"halted_{method}")
+    assert a.keys() == b.keys()
+    if method == "proclip":
+        assert any(k.startswith("ema.") for k in a) and not torch.equal(a["ema.visual_projection.weight"],
+                                                                       a["vit.visual_projection.weight"])
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+def test_two_ranks_equal_one_process_with_the_global_batch(setup):
+    """2 ranks x 4 images take the same 3 steps as 1 process x 8 images (weights within fp32 rounding),
+    and the ranks really split the batch: 1 process x 4 images ends elsewhere."""
+    d = setup["dir"]
+    kw = dict(max_steps=3, warmup_steps=1)
+    train(setup, d / "one", batch_size=8, **kw)
+    train(setup, d / "two", batch_size=4, torchrun=2, **kw)
+    train(setup, d / "half", batch_size=4, **kw)
+    one, two, half = weights(d / "one"), weights(d / "two"), weights(d / "half")
+    moved = max((one[k] - two[k]).abs().max().item() for k in one)
+    change = max((one[k] - half[k]).abs().max().item() for k in one)
+    print(f"max |one - two| = {moved:.2e}, max |one - half batch| = {change:.2e}")
+    assert moved < 1e-5 and change > 1e-4
+
+def test_exports_load(setup):
+    d = setup["dir"]
+    m = M.ViT.from_pretrained(str(d / "straight_llm2clip" / "model"))
+    a = M.Adaptor.from_pretrained(str(d / "straight_llm2clip" / "model"))
+    assert m.config.projection_dim == a.config.out_dim == 16
+    text = json.load(open(d / "straight_llm2clip" / "model" / "text.json"))
+    assert text["llm"] == setup["llm"] and text["method"] == "llm2clip"
+    # the base CLIP from scratch is an HF CLIPModel folder: transformers reads it and agrees with our towers
+    import transformers
+    path = str(d / "straight_clip" / "model")
+    hf = transformers.CLIPModel.from_pretrained(path).eval()
+    tok = M.load_tokenizer(path)
+    text_tower, vit = M.CLIPTextTower.from_pretrained(path), M.ViT.from_pretrained(path)
+    ids, mask = text_tower.tokenize(tok, ["a red shirt on the left", "a bag"])
+    assert all(ids[i, mask[i].sum() - 1] == text_tower.config.eos_token_id for i in range(2))  # CLIP pools there
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        out = hf(input_ids=ids, attention_mask=mask, pixel_values=x)
+        # CLIPModel returns normalised embeddings
+        torch.testing.assert_close(F.normalize(text_tower(ids, mask), dim=-1), out.text_embeds, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(F.normalize(vit(x), dim=-1), out.image_embeds, atol=1e-5, rtol=1e-5)
+    assert abs(hf.logit_scale.item() - load_file(os.path.join(path, "model.safetensors"))["logit_scale"].item()) < 1e-6
+
+def test_layer_decay_and_weight_decay_groups():
+    import train_stage2 as T
+    vit = M.ViT(M.ViTConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                            num_attention_heads=4, projection_dim=16))
+    net = T.Stage2(vit, M.Adaptor.for_method("llm2clip", 32, 16), 2.0)
+    T.layer_decay, T.weight_decay = 0.5, 0.05
+    groups = {id(p): g for g in T.param_groups(net) for p in g["params"]}
+    named = dict(net.named_parameters())
+    def group(name):
+        return groups[id(named[name])]
+    assert group("vit.vision_model.embeddings.patch_embedding.weight")["lr_scale"] == 0.5 ** 4
+    assert group("vit.vision_model.encoder.layers.0.mlp.fc1.weight")["lr_scale"] == 0.5 ** 3
+    assert group("vit.vision_model.encoder.layers.2.mlp.fc1.weight")["lr_scale"] == 0.5
+    assert group("vit.visual_projection.weight")["lr_scale"] == 1.0
+    assert group("text.blocks.0.fc1.weight")["lr_scale"] == 1.0 and group("logit_scale")["lr_scale"] == 1.0
+    assert group("vit.vision_model.encoder.layers.0.mlp.fc1.weight")["weight_decay"] == 0.05
+    for name in ("vit.vision_model.embeddings.position_embedding.weight", "vit.vision_model.embeddings.patch_embedding.weight",
+                 "vit.vision_model.encoder.layers.0.mlp.fc1.bias", "vit.vision_model.post_layernorm.weight", "logit_scale"):
+        assert group(name)["weight_decay"] == 0.0, name
+    assert sum(len(g["params"]) for g in T.param_groups(net)) == len(named)
+
+def test_corrupt_image(setup, tmp_path):
+    """Stop naming the file and its line; with skip_bad=True list it and train on the rest."""
+    d = tmp_path / "data"
+    d.mkdir()
+    manifest = write_manifest(d / "m.jsonl", n=N)
+    write_images(d, N)
+    (d / "5.png").write_bytes(b"not a png")
+    s = dict(setup, manifest=manifest)
+    run(dict(model=setup["llm"], manifest=manifest, out_dir=tmp_path / "cache"), script="embed_cache.py")
+    s["cache"] = str(tmp_path / "cache")
+    r, _ = train(s, tmp_path / "strict", max_steps=12, check=False)
+    assert r.returncode != 0 and "5.png" in r.stderr and "m.jsonl:6" in r.stderr, r.stderr[-2000:]
+    r, _ = train(s, tmp_path / "skip", max_steps=12, skip_bad=True)
+    assert "skipping 1 image(s)" in r.stdout and "line 6" in r.stdout and "5.png" in r.stdout
+    assert os.path.isdir(tmp_path / "skip" / "model")
+
+def test_cache_of_another_llm_is_refused(setup, tmp_path):
+    other = tiny_llm(tmp_path / "other", seed=1)
+    r, _ = train(setup, tmp_path / "out", llm=other, check=False)
+    assert r.returncode != 0 and "made by another model" in r.stderr and setup["cache"] in r.stderr
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path):
+    """A NaN in the cache reaches the loss at a known step: the run stops there, before the update, and
+    the last checkpoint (the step before) is intact and finite."""
+    import shutil
+    cache = tmp_path / "cache"
+    shutil.copytree(setup["cache"], cache)
+    # poison every caption of an image of the 3rd step (0-based 2: epoch 0 has N / 8 = 3 steps, so no
+    # earlier step drew it; the data order is a function of the seed)
+    from train_common import global_batch
+    _, images, _ = global_batch(1337, 2, N, 8)
+    for field, per_image in (("short", 2), ("long", 2)):
+        arr = np.load(cache / f"{field}.npy", mmap_mode="r+")
+        arr[images[0] * per_image:(images[0] + 1) * per_image] = np.nan
+        arr.flush()
+    s = dict(setup, cache=str(cache))
+    r, log = train(s, tmp_path / "run", ckpt_interval=1, check=False)
+    assert r.returncode != 0 and "step 3:" in r.stderr and "last good checkpoint" in r.stderr, r.stderr[-2000:]
+    state = json.load(open(tmp_path / "run" / "ckpt" / "state.json"))
+    assert state["step"] == 2 and [e["step"] for e in log] == [1, 2]
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "run").values())
+    assert not os.path.exists(tmp_path / "run" / "model")

@@ -1,0 +1,75 @@
+"""
+What the stage scripts share: the torchrun set-up, the learning-rate schedule, the global batch of a
+step, and checkpoints (safetensors + optimizer state + JSON, swapped in whole).
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+import model as M
+
+def setup_distributed(backend=None):
+    """(ddp, rank, world, device) from torchrun's environment; one process when RANK is unset.
+    backend: None = nccl on GPUs, gloo on CPUs."""
+    cuda = torch.cuda.is_available()
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 1, "cuda" if cuda else "cpu"
+    dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
+    device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+def cosine_lr(step, lr, min_lr, warmup_steps, max_steps):
+    """Linear warm-up over warmup_steps, then cosine from lr down to min_lr at max_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    t = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * min(t, 1.0))) * (lr - min_lr)
+
+def global_batch(seed, step, n_images, G, fixed=False):
+    """(epoch, image indices, a generator for caption choices) of one global batch of G images: a function
+    of (seed, step) only, so a resumed run and any number of ranks see the same samples. Each epoch is a
+    fresh permutation; its last n_images % G images wait for a later epoch. fixed: step 0's batch forever."""
+    if fixed:
+        step = 0
+    n_full = n_images - n_images % G
+    epoch, offset = divmod(step * G, n_full)
+    perm = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed + epoch))
+    return epoch, perm[offset:offset + G].tolist(), np.random.default_rng([seed, step])
+
+def save_checkpoint(path, tensors, opt, step, config):
+    """tensors (name -> tensor) to weights.safetensors, the optimizer to optimizer.pt, {step, config} to
+    state.json; written beside `path` and swapped in whole (model.atomic_write)."""
+    def write(tmp):
+        os.makedirs(tmp)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, os.path.join(tmp, "weights.safetensors"))
+        torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": step, "config": config}, f, indent=2)
+    M.atomic_write(path, write)
+
+def load_checkpoint(path, tensors, opt, config, must_match):
+    """Load a save_checkpoint folder into `tensors` and `opt`; return its step. The settings named in
+    must_match (those that decide the data order and the schedule) must equal the run's `config`."""
+    sd = load_file(os.path.join(path, "weights.safetensors"))
+    if set(sd) != set(tensors):
+        raise KeyError(f"{path}: checkpoint tensors do not match the model's "
+                       f"(e.g. {sorted(set(sd) ^ set(tensors))[:3]})")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            v.copy_(sd[k])
+    opt.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    changed = [k for k in must_match if state["config"].get(k) != config[k]]
+    if changed:
+        raise ValueError(f"{path}: made with other {', '.join(changed)}; resuming would change the run "
+                         f"(use another out_dir)")
+    return state["step"]

@@ -1,0 +1,375 @@
+"""
+Stage 2: re-align CLIP's image tower to the text side, contrastively (DESIGN.md sections 4 and 5).
+
+--method=llm2clip  the ViT of a pretrained CLIP with a fresh projection `embed_dim` wide (1280 in the
+    paper), and the adaptor (4 blocks) on the LLM's caption embeddings read from the cache of
+    embed_cache.py: the LLM never runs. L = CLIP InfoNCE with a learnable logit scale.
+--method=proclip   the ViT with CLIP's own projection, the adaptor (1 block) from ProCLIP stage 1, and an
+    EMA copy of the ViT as teacher: L = L_info + distill_lambda * (L_ins(v, u) + L_struct(v, u)), v and u
+    the student's and the teacher's normalised image embeddings of the same images.
+--method=clip      CLIP with its own text tower on the same captions: the "fine-tune CLIP directly"
+    baseline, and, with clip="", a CLIP trained from scratch with the sizes below (the demo's base CLIP).
+
+    python train_stage2.py config/stage2_llm2clip_demo.py
+    torchrun --standalone --nproc_per_node=8 train_stage2.py config/stage2_llm2clip_demo.py --batch_size=512
+
+In:  a manifest (dataset.py), an HF CLIP folder, and for the LLM methods the embedding cache of the
+     manifest and the LLM that made it (checked by fingerprint).
+Out: out_dir/model/  llm2clip, proclip: config.json + model.safetensors (an HF CLIPVisionModelWithProjection
+                     folder, plus logit_scale), adaptor.safetensors + adaptor.json, text.json (which LLM,
+                     its fingerprint, the instruction and max length its embeddings were made with);
+                     clip: an HF CLIPModel folder with its tokenizer.
+     out_dir/ckpt/   the last checkpoint (resumed from automatically), out_dir/log.jsonl.
+Each step takes one caption per image: a field of `fields` at random, then one of its captions (the public
+LLM2CLIP code: short or long, 50/50). Every step's images, crops and captions are a function of (seed,
+step) and of the global batch only, so a resumed run ends with the same weights as an uninterrupted one,
+and N ranks take the step of one process with N times the batch (the loss gathers every rank's features;
+ProCLIP's distillation terms are per rank, as in the paper's code: DDP averages their gradients).
+Optimisation as LLM2CLIP: AdamW, layer-wise lr decay over the towers (embeddings lowest, the head and the
+adaptor at the full lr), no weight decay on norms, biases, embeddings and the logit scale, warm-up then
+cosine, gradient clipping, the logit scale clamped to [0, ln 100]. A non-finite loss or gradient stops
+the run before the update, leaving the last checkpoint as it was.
+"""
+
+import copy
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import model as M
+from dataset import ImageDataset, caption_rows, collate, image_fault, image_path, read_manifest
+from kernels import contrastive_loss, structure_loss
+from train_common import cosine_lr, global_batch, load_checkpoint, save_checkpoint, setup_distributed
+
+# -----------------------------------------------------------------------------
+method = "llm2clip"              # llm2clip | proclip | clip
+manifest = "data/fashion/out/train.jsonl"
+clip = ""                        # HF CLIP folder: the ViT and logit scale (and method=clip's text tower); "" = from scratch (clip only)
+cache = "out/cache/train"        # llm2clip, proclip: embed_cache.py output over `manifest`
+llm = "data/smollm2/hf"          # llm2clip, proclip: the LLM that made the cache (fingerprint checked; evaluate.py runs it)
+stage1 = ""                      # an adaptor folder to start from: ProCLIP stage 1's out_dir (required for proclip); "" = fresh
+out_dir = "out/stage2"
+fields = "short,long"            # caption fields: each image takes one field at random per step, then a caption of it
+embed_dim = 0                    # joint width; 0: 1280 for llm2clip (a fresh projection), CLIP's own otherwise (128 from scratch)
+ema_momentum = 0.999             # proclip: teacher <- m teacher + (1 - m) student after every step (half-life ~700 steps)
+distill_lambda = 0.1             # proclip: weight of L_ins + L_struct (sums over the rank's batch; see README)
+struct_beta = 1.0                # proclip: SmoothL1 beta of L_struct
+# clip from scratch (clip=""): sizes of the base CLIP, and the tokenizer (an EOS token is appended to each caption)
+tokenizer = "data/smollm2/hf"
+image_size = 64
+patch_size = 8
+vision_width = 128
+vision_layers = 4
+text_width = 128
+text_layers = 3
+context_length = 16              # the base CLIP's short context: long captions are cut, as CLIP's 77 tokens cut them
+# optimisation
+batch_size = 64                  # per rank
+max_steps = 1000
+warmup_steps = 50
+lr = 1e-5                        # the head's and the adaptor's; layer k of L gets lr * layer_decay^(L + 1 - k)
+min_lr = 0.0
+layer_decay = 0.85
+weight_decay = 0.05
+grad_clip = 5.0
+seed = 1337
+num_workers = 2                  # image decoding processes per rank (0: in the training process)
+skip_bad = False                 # True: images Pillow cannot decode are listed and left out; False: stop at the first
+log_interval = 10
+ckpt_interval = 200
+halt_at = 0                      # stop after checkpointing at this step (tests resume with it); 0 = off
+fixed_batch = False              # train on step 0's batch forever (an overfitting check)
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype of the towers on a GPU
+# -----------------------------------------------------------------------------
+MUST_MATCH = ("method", "batch_size", "seed", "max_steps", "fields", "manifest", "skip_bad")
+LN100 = math.log(100.0)
+
+class Stage2(nn.Module):
+    """The trained towers: the ViT, the text side (Adaptor over cached LLM embeddings, or a CLIP text tower
+    over token ids) and the logit scale. forward -> normalised (image, text) embeddings, fp32."""
+
+    def __init__(self, vit, text, logit_scale):
+        super().__init__()
+        self.vit, self.text = vit, text
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
+
+    def forward(self, pixels, text):
+        txt = self.text(*text) if isinstance(text, tuple) else self.text(text)
+        return F.normalize(self.vit(pixels).float(), dim=-1), F.normalize(txt.float(), dim=-1)
+
+def layer_id(name, n_layers):
+    """0 for embeddings, k + 1 for encoder layer k, n_layers + 1 for the head (final norm, projection)."""
+    parts = name.split(".")
+    if "embeddings" in parts or "pre_layrnorm" in parts:
+        return 0
+    if "layers" in parts:
+        return int(parts[parts.index("layers") + 1]) + 1
+    return n_layers + 1
+
+def param_groups(net):
+    """AdamW groups: layer-wise lr decay inside each tower (adaptor and logit scale at the full lr), no
+    weight decay on 1-d tensors (norms, biases, class embedding, logit scale) and embeddings."""
+    groups = {}
+    for name, p in net.named_parameters():
+        tower = getattr(net, name.split(".")[0])
+        scale = 1.0
+        if isinstance(tower, (M.ViT, M.CLIPTextTower)):
+            n = tower.config.num_hidden_layers
+            scale = layer_decay ** (n + 1 - layer_id(name, n))
+        decay = 0.0 if p.ndim < 2 or ".embeddings." in name else weight_decay
+        groups.setdefault((scale, decay), []).append(p)
+    return [{"params": ps, "lr_scale": s, "weight_decay": d} for (s, d), ps in sorted(groups.items())]
+
+def fresh_projection(vit, width):
+    """Replace the ViT's projection by a new one `width` wide (CLIP's init: std = hidden^-0.5)."""
+    vit.visual_projection = nn.Linear(vit.config.hidden_size, width, bias=False)
+    nn.init.normal_(vit.visual_projection.weight, std=vit.config.hidden_size ** -0.5)
+    vit.config.projection_dim = width
+
+def clip_from_scratch(vocab_size, eos_token_id):
+    width = embed_dim or 128
+    vit = M.ViT(M.ViTConfig(image_size=image_size, patch_size=patch_size, hidden_size=vision_width,
+                            intermediate_size=4 * vision_width, num_hidden_layers=vision_layers,
+                            num_attention_heads=max(1, vision_width // 64), hidden_act="gelu", projection_dim=width))
+    text = M.CLIPTextTower(M.CLIPTextConfig(
+        vocab_size=vocab_size, max_position_embeddings=context_length, hidden_size=text_width,
+        intermediate_size=4 * text_width, num_hidden_layers=text_layers, num_attention_heads=max(1, text_width // 64),
+        hidden_act="gelu", projection_dim=width, eos_token_id=eos_token_id))
+    for m in (vit, text):  # CLIP-like init: small normal weights, zero biases, unit norms
+        for name, p in m.named_parameters():
+            if p.ndim >= 2:
+                nn.init.normal_(p, std=0.02)
+            elif "norm" in name and name.endswith("weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.zeros_(p) if "class_embedding" not in name else nn.init.normal_(p, std=vision_width ** -0.5)
+    return vit, text
+
+def clip_tokenizer(path):
+    """The tokenizer of `path`, made to end every caption with an end-of-text token if it does not already
+    (CLIP's text tower pools at it): its own EOS when that is not also its padding, else <|endoftext|>
+    (added if missing). -> (tokenizer, EOS id)."""
+    tok = M.load_tokenizer(path)
+    if tok.eos_token is not None and tok.eos_token != tok.pad_token:
+        name = tok.eos_token
+    else:
+        name = "<|endoftext|>"
+        if name not in tok.get_vocab():
+            tok.add_tokens([name], special_tokens=True)
+    eos = tok.convert_tokens_to_ids(name)
+    if tok("a")["input_ids"][-1] != eos:
+        from tokenizers.processors import TemplateProcessing
+        tok._tokenizer.post_processor = TemplateProcessing(single=f"$A {name}", special_tokens=[(name, eos)])
+    if tok.pad_token is None:
+        tok.pad_token = name
+    return tok, eos
+
+# -----------------------------------------------------------------------------
+# export
+
+def export(out, net, tok, config):
+    """out_dir/model, swapped in whole: an HF folder evaluate.py and model.py (and transformers) load."""
+    vit, text = net.vit, net.text
+    sd = {k: v.detach().float().contiguous().cpu() for k, v in vit.state_dict().items()}
+    sd["logit_scale"] = net.logit_scale.detach().float().cpu().reshape(())
+    vcfg = {**vars(vit.config), "model_type": "clip_vision_model"}
+    def write(tmp):
+        os.makedirs(tmp)
+        if isinstance(text, M.Adaptor):
+            save_file(sd, os.path.join(tmp, "model.safetensors"))
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump({**vcfg, "architectures": ["CLIPVisionModelWithProjection"]}, f, indent=2)
+            text.save_pretrained(tmp)
+            from embed_cache import model_fingerprint
+            meta = json.load(open(os.path.join(cache, "meta.json")))
+            with open(os.path.join(tmp, "text.json"), "w") as f:
+                json.dump(dict(llm=llm, llm_sha256=model_fingerprint(llm), instruction=meta["instruction"],
+                               max_length=meta["max_length"], method=method, config=config), f, indent=2)
+        else:
+            sd.update({k: v.detach().float().contiguous().cpu() for k, v in text.state_dict().items()})
+            tcfg = {**vars(text.config), "model_type": "clip_text_model", "pad_token_id": tok.pad_token_id}
+            tcfg.pop("projection_dim")
+            vc = {k: v for k, v in vcfg.items() if k != "projection_dim"}
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump({"model_type": "clip", "architectures": ["CLIPModel"], "projection_dim": vit.config.projection_dim,
+                           "logit_scale_init_value": sd["logit_scale"].item(), "text_config": tcfg, "vision_config": vc}, f, indent=2)
+            save_file(sd, os.path.join(tmp, "model.safetensors"))
+            tok.save_pretrained(tmp)
+    M.atomic_write(out, write)
+
+# -----------------------------------------------------------------------------
+
+def main(config):
+    ddp, rank, world, device = setup_distributed()
+    master = rank == 0
+    if method not in ("llm2clip", "proclip", "clip"):
+        raise ValueError(f"method {method!r}: expected llm2clip, proclip or clip")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype {dtype!r}: float32 or bfloat16 (float16 would need a gradient scaler)")
+    amp = torch.autocast("cuda", dtype=getattr(torch, dtype), enabled=dtype != "float32") if "cuda" in device \
+        else torch.autocast("cpu", enabled=False)
+    torch.manual_seed(seed)  # fresh weights start the same on every rank and every run
+
+    records = read_manifest(manifest)
+    names = [f for f in fields.split(",") if f]
+    rows_of = {}  # field -> image -> its caption rows (caption_rows order = the cache's)
+    texts_of = {}
+    for f in names:
+        texts_of[f], index = caption_rows(records, f)  # every image needs captions in every field: fail now
+        rows_of[f] = np.split(np.arange(len(index)), np.flatnonzero(np.diff(index)) + 1)
+    keep = list(range(len(records)))
+    if skip_bad:  # every image checked before the first step, so all ranks keep the same set
+        bad = [i for i in tqdm(keep, desc="checking images", disable=not master)
+               if image_fault(image_path(manifest, records[i]))]
+        if master and bad:
+            print(f"{manifest}: skipping {len(bad)} image(s) Pillow cannot read:\n" +
+                  "\n".join(f"  line {i + 1}: {image_fault(image_path(manifest, records[i]))}" for i in bad[:20]) +
+                  (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""))
+        keep = sorted(set(keep) - set(bad))
+    G = batch_size * world
+    part = slice(rank * batch_size, (rank + 1) * batch_size)
+    if len(keep) < G:
+        raise ValueError(f"{manifest}: {len(keep)} usable images, fewer than one global batch ({G})")
+
+    tok, teacher = None, None
+    if method == "clip":
+        tok, eos = clip_tokenizer(clip or tokenizer)
+        if clip:
+            vit, text = M.ViT.from_pretrained(clip), M.CLIPTextTower.from_pretrained(clip)
+            scale0 = M.read_logit_scale(clip)
+        else:
+            vit, text = clip_from_scratch(len(tok), eos)
+            scale0 = None
+        if embed_dim and embed_dim != vit.config.projection_dim:
+            raise ValueError(f"embed_dim {embed_dim}: method=clip keeps the CLIP's width {vit.config.projection_dim}")
+    else:
+        from embed_cache import open_cache
+        if not clip:
+            raise ValueError(f"method={method} needs clip= (an HF CLIP folder whose ViT is re-aligned)")
+        arrays = {f: open_cache(cache, f, llm, records) for f in names}  # refuses another LLM's or manifest's cache
+        dim = arrays[names[0]].shape[1]
+        vit, scale0 = M.ViT.from_pretrained(clip), M.read_logit_scale(clip)
+        if method == "llm2clip":
+            fresh_projection(vit, embed_dim or 1280)
+        elif embed_dim and embed_dim != vit.config.projection_dim:
+            raise ValueError(f"embed_dim {embed_dim}: ProCLIP keeps CLIP's joint width {vit.config.projection_dim}")
+        if stage1:
+            text = M.Adaptor.from_pretrained(stage1)
+        elif method == "proclip":
+            raise ValueError("method=proclip needs stage1= (ProCLIP stage 1's out_dir with adaptor.safetensors)")
+        else:
+            text = M.Adaptor.for_method("llm2clip", dim, vit.config.projection_dim)
+        if (text.config.in_dim, text.config.out_dim) != (dim, vit.config.projection_dim):
+            raise ValueError(f"{stage1}: the adaptor maps {text.config.in_dim} -> {text.config.out_dim}, this run "
+                             f"needs {dim} (the cache) -> {vit.config.projection_dim} (the ViT's projection)")
+        if method == "proclip":
+            teacher = copy.deepcopy(vit).requires_grad_(False).eval().to(device)
+    scale0 = math.log(1 / 0.07) if scale0 is None else float(scale0)  # CLIP's own init when there is none
+    net = Stage2(vit, text, min(max(scale0, 0.0), LN100)).to(device)
+    opt = torch.optim.AdamW(param_groups(net), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    tensors = dict(net.state_dict())  # what a checkpoint holds (views of the live tensors)
+    if teacher is not None:
+        tensors.update({f"ema.{k}": v for k, v in teacher.state_dict().items()})
+    ckpt = M.recover(os.path.join(out_dir, "ckpt"))
+    start = load_checkpoint(ckpt, tensors, opt, config, MUST_MATCH) if os.path.isdir(ckpt) else 0
+    model = DDP(net, device_ids=[torch.cuda.current_device()] if "cuda" in device else None) if ddp else net
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        n_params = sum(p.numel() for p in net.parameters())
+        print(f"{method}: {n_params / 1e6:.2f}M trainable parameters, global batch {G}, "
+              f"{'resuming at step ' + str(start) if start else 'from scratch'}")
+
+    def batches():  # this rank's (image, epoch) pairs of every step from `start` on
+        for step in range(start, max_steps):
+            epoch, images, _ = global_batch(seed, step, len(keep), G, fixed_batch)
+            yield [(keep[j], epoch) for j in images[part]]
+    ds = ImageDataset(manifest, size=vit.config.image_size, train=True, seed=seed, records=records)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=batches(), num_workers=num_workers, collate_fn=collate,
+                                         pin_memory="cuda" in device)
+
+    def text_input(images, rng):
+        u = rng.random((G, 2))  # per image of the global batch: which field, which caption of it
+        f_idx = (u[:, 0] * len(names)).astype(int)
+        rows = [(names[f], rows_of[names[f]][i][int(v * len(rows_of[names[f]][i]))])
+                for f, i, v in zip(f_idx, [keep[j] for j in images], u[:, 1])][part]
+        if method == "clip":
+            ids, mask = text.tokenize(tok, [texts_of[f][r] for f, r in rows])
+            return ids.to(device), mask.to(device)
+        e = np.stack([arrays[f][r] for f, r in rows]).astype(np.float32)  # (B, D) from the memmaps
+        return torch.from_numpy(e).to(device)
+
+    log = open(os.path.join(out_dir, "log.jsonl"), "a") if master else None
+    bar = tqdm(total=max_steps, initial=start, desc=f"stage 2 {method}", unit="step", disable=not master)
+    model.train()
+    step, t_last, step_last, t_start = start, None, start, time.time()
+    for pixels, idx, _ in loader:
+        _, images, rng = global_batch(seed, step, len(keep), G, fixed_batch)
+        assert idx.tolist() == [keep[j] for j in images[part]]  # the loader serves exactly this step's images
+        lr_now = cosine_lr(step, lr, min_lr, warmup_steps, max_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr_now * g["lr_scale"]
+        pixels = pixels.to(device, non_blocking=True)
+        with amp:
+            img, txt = model(pixels, text_input(images, rng))
+            loss = info = contrastive_loss(img, txt, net.logit_scale.exp())
+            if teacher is not None:
+                with torch.no_grad():
+                    u = F.normalize(teacher(pixels).float(), dim=-1)
+                loss = info + distill_lambda * ((img - u).pow(2).sum() + structure_loss(img, u, beta=struct_beta))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+        if not torch.isfinite(gnorm).item():  # DDP averaged the gradients: every rank takes this branch
+            raise FloatingPointError(
+                f"step {step + 1}: loss {loss.item()} and gradient norm {gnorm.item()} on rank {rank}; stopped before "
+                f"the update. The last good checkpoint is {ckpt} (" +
+                (f"step {json.load(open(os.path.join(ckpt, 'state.json')))['step']})" if os.path.isdir(ckpt) else "none yet)"))
+        opt.step()
+        with torch.no_grad():
+            net.logit_scale.clamp_(0, LN100)
+            if teacher is not None:
+                for pt, ps in zip(teacher.parameters(), net.vit.parameters()):
+                    pt.lerp_(ps, 1 - ema_momentum)
+        step += 1
+        bar.update()
+        if step % log_interval == 0 or step == max_steps or step == start + 1:
+            vals = torch.stack([loss.detach(), info.detach()])
+            if ddp:
+                torch.distributed.all_reduce(vals)
+                vals /= world
+            if "cuda" in device:
+                torch.cuda.synchronize()
+            now = time.time()
+            ms = (now - t_last) * 1000 / (step - step_last) if t_last else float("nan")  # not the 1st step
+            t_last, step_last = now, step
+            if master:
+                lval, ival, gn, s = vals[0].item(), vals[1].item(), gnorm.item(), net.logit_scale.exp().item()
+                bar.write(f"step {step}/{max_steps} | loss {lval:.4f} | infonce {ival:.4f} | scale {s:.1f} | "
+                          f"lr {lr_now:.2e} | grad norm {gn:.3f} | {ms:.0f} ms/step | {G * 1000 / ms:.1f} samples/s | "
+                          f"ETA {(max_steps - step) * ms / 1000:.0f}s")
+                log.write(json.dumps({"step": step, "loss": lval, "infonce": ival, "logit_scale": s,
+                                      "lr": lr_now, "grad_norm": gn}) + "\n")
+                log.flush()
+        if master and (step % ckpt_interval == 0 or step == max_steps or step == halt_at):
+            save_checkpoint(ckpt, tensors, opt, step, config)
+        if step == halt_at:
+            break
+    bar.close()
+    if master and step == max_steps:
+        export(os.path.join(out_dir, "model"), net, tok, config)
+        print(f"done in {time.time() - t_start:.0f}s: {out_dir}/model")
+    if ddp:
+        torch.distributed.destroy_process_group()
+
+if __name__ == "__main__":
+    from configurator import configure
+    main(configure(globals()))
