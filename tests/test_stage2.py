@@ -184,3 +184,25 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path):
     assert state["step"] == 2 and [e["step"] for e in log] == [1, 2]
     assert all(torch.isfinite(v).all() for v in weights(tmp_path / "run").values())
     assert not os.path.exists(tmp_path / "run" / "model")
+
+def test_evaluate_stage2_model_with_and_without_cache(setup, tmp_path):
+    """evaluate.py on a stage-2 export: the cached embeddings and the LLM run on the texts give the same
+    metrics (the cache is fp16), and the tiny base CLIP evaluates through its own text tower."""
+    for method, kw in (("llm2clip", {}), ("clip", {"clip": ""})):  # made by the resume test, unless run alone
+        if not os.path.isdir(setup["dir"] / f"straight_{method}" / "model"):
+            train(setup, setup["dir"] / f"straight_{method}", method, **kw)
+    model = setup["dir"] / "straight_llm2clip" / "model"
+    common = dict(manifest=setup["manifest"], classes="", multilingual="", batch_size=8)
+    res = {}
+    for name, extra in (("cache", {"cache": setup["cache"]}), ("llm", {})):
+        run(dict(model=model, out=tmp_path / f"{name}.json", **common, **extra), script="evaluate.py")
+        res[name] = json.load(open(tmp_path / f"{name}.json"))["results"]
+    assert {"short_i2t_r1", "long_t2i_r10", "c2c_top1", "c2c_llm_top1"} <= set(res["cache"])
+    for k in res["llm"]:
+        assert abs(res["cache"][k] - res["llm"][k]) < 1e-3 or k.startswith("c2c"), (k, res)
+    run(dict(model=setup["dir"] / "straight_clip" / "model", out=tmp_path / "clip.json", **common), script="evaluate.py")
+    assert "long_i2t_r1" in json.load(open(tmp_path / "clip.json"))["results"]
+    other = tiny_llm(tmp_path / "other", seed=1)
+    r = run(dict(model=model, llm=other, cache=setup["cache"], out=tmp_path / "x.json", **common),
+            script="evaluate.py", check=False)
+    assert r.returncode != 0 and "not the LLM" in r.stderr
