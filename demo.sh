@@ -12,7 +12,7 @@ out=${OUT:-out/demo$([ "$seed" = 1337 ] || echo "_seed$seed")}
 mkdir -p "$out/eval"
 SECONDS=0
 # the LLM's inference dtype: bf16 on GPUs and on CPUs with bf16 instructions (3.5x faster there), else fp32
-llm_dtype=$(python -c "import torch; print('bfloat16' if torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported() else 'float32')")
+llm_dtype=$(python -c "import torch; print('bfloat16' if torch.cuda.is_available() or getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)() else 'float32')")
 
 python data/fashion/prepare.py
 python data/smollm2/prepare.py
