@@ -1,28 +1,39 @@
 """
 Evaluation (DESIGN.md section 7): image-text retrieval R@1/5/10 both ways (short, long and multilingual
-captions), zero-shot classification with templates, caption-to-caption retrieval. One model per run.
+captions), zero-shot classification with templates, caption-to-caption retrieval. One model per run;
+the baseline (a CLIP with its own text tower) goes through the same code as the LLM models.
 
-    python evaluate.py --model=out/demo/base_clip/model                                  # a CLIP, own text tower
-    python evaluate.py --model=out/demo/llm2clip/model --cache=out/demo/cache/llm2clip_test  # stage 2 + cache
-    python evaluate.py --model=out/demo/llm2clip/model                                   # runs the LLM instead
-    python evaluate.py --model=data/smollm2/hf                                           # an LLM: c2c only
+    python evaluate.py --model=out/demo/base_clip/model --name=base_clip                       # a CLIP
+    python evaluate.py --model=out/demo/llm2clip/model --cache=out/demo/cache/llm2clip_test   # stage 2, cached
+    python evaluate.py --model=out/demo/llm2clip/model                                        # runs the LLM
+    python evaluate.py --model=data/smollm2/hf --out=out/c2c.json                             # an LLM: c2c only
 
-`model` is one of three kinds of folder:
-  * a stage-2 output (train_stage2.py, has adaptor.json): ViT + adaptor over the LLM named in text.json;
-    caption embeddings come from `cache` (embed_cache.py over `manifest` with that LLM: checked by
-    fingerprint) or from running the LLM; zero-shot prompts always run the LLM.
-  * an HF CLIP folder: the ViT and CLIP's own text tower (context-truncated like CLIP).
-  * an HF Llama folder: caption-to-caption retrieval only (the stage-1 check), with the instruction on
-    queries and not on the gallery, over `c2c_field` of the manifest and the CuPL set.
-Protocols. Retrieval, multi-caption (Flickr30k/COCO): image->text is a hit if any caption of the image
-is in the top k among all captions of the field; text->image if the caption's image is in the top k.
-Identical caption strings count once, as a caption of each image that has it (the demo's short captions
-repeat across images). Ties count against the query: a wrong item scores ahead of the right one when
-its similarity is >= (so a collapsed model scores 0, not 100). Zero-shot: every template per class, embeddings normalised,
-averaged, renormalised; logits 100 x cosine. Caption-to-caption: the nearest other caption must belong
-to the same image (own entry excluded; captions alone in their group are not queries); `c2c_top1` in
-the model's joint space, and for stage-2 models also `c2c_llm_top1` on the LLM embeddings themselves.
-Out: a table and `out` (JSON: name, model, results, config, seconds).
+In: `model`, one of three kinds of folder, told apart by their files:
+  * stage 2 (train_stage2.py; adaptor.json + text.json): the ViT (an HF CLIPVisionModelWithProjection
+    folder) and, for text, normalize(adaptor(e)) with e the embedding of the LLM named in text.json
+    (made with its instruction and max length). Caption embeddings come from `cache` (embed_cache.py over
+    `manifest` by that very LLM: fingerprints checked) or from running the LLM; prompts that are not
+    manifest captions (zero-shot) always run it. The LLM is loaded only if some text needs it.
+  * an HF CLIP folder (model_type "clip", with its tokenizer): the ViT and CLIP's own text tower,
+    inputs truncated to its context like CLIP.
+  * an HF Llama folder (model_type "llama"): caption-to-caption retrieval only, the stage-1 check, with
+    `instruction` on the queries and not on the gallery, over `c2c_field` of `manifest` and the CuPL set.
+  and a manifest (dataset.py) whose images and caption fields are evaluated, `classes` for zero-shot.
+Out: a table on stdout and `out`: {"name", "model", "results": {metric: percent}, "counts", "config", "seconds"}.
+
+Protocols (all numbers in percent):
+  retrieval, several captions per image (Flickr30k/COCO): image->text is a hit at k if any caption of
+    the image is among the k best of all the field's captions; text->image if the caption's image is
+    among the k best images. Identical caption strings of a field are one text, a caption of every image
+    that has it (the demo's short captions repeat: 1500 captions, 130 distinct strings), so no copy of a
+    string competes with itself. With one caption per image this is plain argmax retrieval.
+  ties count against the query everywhere: a wrong item scoring >= the best right one ranks ahead of it
+    (NaN too), so a collapsed model scores 0, never 100, and no result depends on the order of rows.
+  zero-shot: each class name in every template, embedded, normalised, averaged, renormalised; logits
+    100 x cosine; top-k for every k below the number of classes (top-k of k classes is always 100).
+  caption-to-caption: the best other caption (own entry excluded) must be of the same image (group);
+    captions alone in their group are not queries. `c2c_top1` in the joint space (the text tower's or
+    the adaptor's output); for stage-2 models also `c2c_llm_top1` on the LLM embeddings before the adaptor.
 """
 
 import json
@@ -35,128 +46,153 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import model as M
-from dataset import ImageDataset, caption_rows, collate, read_manifest
+from dataset import ImageDataset, caption_rows, check_manifest, collate, read_manifest
+from embed_cache import model_fingerprint, open_cache
 
 # -----------------------------------------------------------------------------
-model = "data/smollm2/hf"        # stage-2 folder, HF CLIP folder, or HF Llama folder (c2c only)
+model = ""                       # stage-2 folder, HF CLIP folder, or HF Llama folder (c2c only, the stage-1 check)
 manifest = "data/fashion/out/test.jsonl"
 retrieval = "short,long"         # caption fields for image-text retrieval
 multilingual = "de,fr"           # caption fields in other languages ("" to skip); their mean is multilingual_*
-classes = "data/fashion/out/classes.json"  # zero-shot: {"classes": [...], "templates": [...]}; "" to skip
+classes = "data/fashion/out/classes.json"  # zero-shot: {"classes": [...], "templates": ["a photo of {}.", ...]}; "" to skip
 c2c_field = "long"               # caption-to-caption retrieval within this field ("" to skip)
-cache = ""                       # stage-2 models: embed_cache.py output over `manifest` by the model's LLM
-llm = ""                         # stage-2 models: the LLM folder, if not where text.json says
-cupl = "data/fashion/out/cupl.json"  # Llama mode: {"texts", "group"}; "" to skip
-instruction = "Given a caption, retrieve a similar relevant caption."  # Llama mode: on c2c queries
-name = ""                        # the row's name in the JSON
-max_length = 512
+cache = ""                       # stage 2: embed_cache.py output over `manifest` by the model's LLM; "" = run the LLM
+llm = ""                         # stage 2: the LLM folder, if not where text.json says (fingerprint checked)
+cupl = "data/fashion/out/cupl.json"  # Llama mode: {"texts": [...], "group": [...]}; "" to skip
+instruction = "Given a caption, retrieve a similar relevant caption."  # Llama mode: on c2c queries; "" for none
+name = ""                        # the row's name in the JSON ("" = the model path)
+max_length = 512                 # Llama mode: tokens per caption (stage 2 uses text.json's)
 batch_size = 64
 out = "out/eval.json"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # the LLM's compute dtype
 # -----------------------------------------------------------------------------
+# metrics: pure functions of normalised embeddings
 
-def retrieval_recall(img, txt, rel, ks=(1, 5, 10), chunk=1024):
-    """Recall@k in percent, both ways. img (N_img, D), txt (N_txt, D) L2-normalised; rel (N_img, N_txt)
-    bool, True where the text is a caption of the image. A query is a hit at k when fewer than k wrong
-    items score >= its best right one (ties count against it). O(chunk x N) memory."""
-    def ranks(q, items, right):  # per query: the number of wrong items at or above its best right item
-        out = []
-        for s in range(0, q.shape[0], chunk):
-            sim, r = q[s:s + chunk] @ items.T, right[s:s + chunk]
-            best = torch.where(r, sim, float("-inf")).amax(1, keepdim=True)
-            out.append(((sim >= best) & ~r).sum(1))
-        return torch.cat(out)
-    rel = torch.as_tensor(rel, device=img.device)
-    i2t, t2i = ranks(img, txt, rel), ranks(txt, img, rel.T)
+def _misses(queries, items, q_idx, i_idx, chunk):
+    """Per query: the number of wrong items that score at least as high as its best right item (NaN
+    counts as high). (q_idx[p], i_idx[p]) are the right (query, item) pairs. O(chunk x N_items) memory."""
+    out = []
+    for s in range(0, queries.shape[0], chunk):
+        sim = queries[s:s + chunk] @ items.T  # (C, N_items)
+        right = torch.zeros_like(sim, dtype=torch.bool)
+        m = (q_idx >= s) & (q_idx < s + chunk)
+        right[q_idx[m] - s, i_idx[m]] = True
+        best = torch.where(right, sim, float("-inf")).amax(1, keepdim=True)  # (C, 1); -inf: no right item
+        out.append((~(sim < best) & ~right).sum(1))
+    return torch.cat(out)
+
+def retrieval_recall(img, txt, txt_image, ks=(1, 5, 10), chunk=1024):
+    """Recall@k in percent, both ways: {"i2t_r1": ..., "t2i_r1": ..., ...}. img (N_img, D) and txt
+    (N_txt, D) L2-normalised; txt_image[r] is the image of caption r (an int), or the images of a caption
+    string that several images share (a list). image->text: a hit at k if fewer than k wrong captions
+    score >= the image's best caption; text->image: if fewer than k wrong images score >= its image."""
+    pairs = [(int(i), r) for r, own in enumerate(txt_image) for i in (own if isinstance(own, (list, tuple, set)) else [own])]
+    img_idx, txt_idx = torch.tensor(pairs, dtype=torch.long, device=img.device).reshape(-1, 2).T
+    i2t = _misses(img, txt, img_idx, txt_idx, chunk)  # (N_img,)
+    t2i = _misses(txt, img, txt_idx, img_idx, chunk)  # (N_txt,)
     res = {}
     for k in ks:
         res[f"i2t_r{k}"] = 100.0 * (i2t < k).double().mean().item()
+    for k in ks:
         res[f"t2i_r{k}"] = 100.0 * (t2i < k).double().mean().item()
     return res
 
-def caption_relation(texts, image, n_images):
-    """(rows of the distinct caption texts of a field, the (N_img, N_distinct) relation 'the image has this caption'.
-    Identical captions of different images (the demo's "a shirt and three more items") are one text,
-    right for each of its images: no tie between copies of one string decides a hit.)"""
-    distinct, rows = {}, []  # text -> its column; the row of its first occurrence
-    for r, t in enumerate(texts):
-        if t not in distinct:
-            distinct[t] = len(rows)
+def distinct_captions(texts, image):
+    """Identical strings of one field merged: (row of each distinct text's first occurrence, the images
+    that have it, sorted), for retrieval_recall(img, txt[rows], owners)."""
+    where, rows, owners = {}, [], []
+    for r, (t, i) in enumerate(zip(texts, image)):
+        if t not in where:
+            where[t] = len(rows)
             rows.append(r)
-    rel = torch.zeros(n_images, len(rows), dtype=torch.bool)
-    rel[torch.as_tensor(image), torch.tensor([distinct[t] for t in texts])] = True
-    return rows, rel
+            owners.append(set())
+        owners[where[t]].add(int(i))
+    return rows, [sorted(o) for o in owners]
 
-def zeroshot_classifier(embed, class_names, templates):
-    """(C, D): each class's prompts embedded (embed: texts -> (N, D)), normalised, averaged, renormalised."""
-    prompts = [t.format(c) for c in class_names for t in templates]
-    e = F.normalize(embed(prompts).float(), dim=-1).view(len(class_names), len(templates), -1)
-    return F.normalize(e.mean(1), dim=-1)
+def zeroshot_classifier(text_embed_fn, classes, templates):
+    """(C, D) class embeddings: every template filled with each class name, embedded (text_embed_fn:
+    list of texts -> (N, D)), normalised, averaged over the templates, renormalised."""
+    prompts = [t.format(c) for c in classes for t in templates]  # class-major
+    e = F.normalize(text_embed_fn(prompts).float(), dim=-1)
+    return F.normalize(e.view(len(classes), len(templates), -1).mean(1), dim=-1)  # (C, D)
 
 def zeroshot_accuracy(img, class_emb, labels, ks=(1, 5)):
-    """Top-k accuracy in percent of logits 100 img @ class_emb^T; ties count against the image."""
-    logits = 100.0 * img @ class_emb.T
-    labels = torch.as_tensor(labels, device=img.device)
-    rank = (logits >= logits.gather(1, labels[:, None])).sum(1) - 1
-    return {f"zeroshot_top{k}": 100.0 * (rank < k).double().mean().item() for k in ks if k <= class_emb.shape[0]}
+    """{"zeroshot_top1": ..., ...} in percent: logits 100 img @ class_emb^T; an image is right at k if
+    fewer than k other classes score >= its label's (ties and NaN against it). Only k < C is reported."""
+    logits = 100.0 * img.float() @ class_emb.float().T  # (N, C)
+    labels = torch.as_tensor(labels, dtype=torch.long, device=logits.device)
+    ahead = (~(logits < logits.gather(1, labels[:, None]))).sum(1) - 1  # the label itself is not < itself
+    return {f"zeroshot_top{k}": 100.0 * (ahead < k).double().mean().item() for k in ks if k < class_emb.shape[0]}
 
-def c2c_top1(queries, gallery, group):
+def c2c_top1(queries, gallery, group, chunk=1024):
     """Top-1 caption-to-caption retrieval, in percent. queries[i] and gallery[i] embed caption i (as a
     query and as a gallery item; L2-normalised rows); group[i] is its image or class. Caption i's own
-    gallery entry is excluded; captions alone in their group are not queries."""
-    group = torch.as_tensor(group, device=queries.device)
-    sim = queries @ gallery.T  # (N, N): evaluation sets are small; chunk this for large ones
-    sim.fill_diagonal_(float("-inf"))
-    has_peer = (group[:, None] == group[None, :]).sum(1) > 1
-    hit = group[sim.argmax(1)] == group
-    return 100.0 * hit[has_peer].float().mean().item()
+    gallery entry is excluded; captions alone in their group are not queries; a hit needs the best peer
+    of the group to score strictly above every caption of another group."""
+    group = torch.as_tensor(np.asarray(group), device=queries.device)
+    _, inverse, counts = torch.unique(group, return_inverse=True, return_counts=True)
+    has_peer = counts[inverse] > 1
+    if not has_peer.any():
+        raise ValueError("c2c_top1: no caption shares its group with another (one caption per image?)")
+    hits = []
+    for s in range(0, len(group), chunk):
+        sim = queries[s:s + chunk] @ gallery.T  # (C, N)
+        own = torch.arange(s, s + sim.shape[0], device=sim.device)
+        right = group[s:s + chunk, None] == group[None, :]  # (C, N): same group ...
+        right[own - s, own] = False                          # ... but not itself
+        wrong = group[s:s + chunk, None] != group[None, :]
+        best = torch.where(right, sim, float("-inf")).amax(1, keepdim=True)
+        hits.append((~(sim < best) & wrong).sum(1) == 0)
+    return 100.0 * torch.cat(hits)[has_peer].double().mean().item()
 
 # -----------------------------------------------------------------------------
-# the text side of each kind of model: texts (or a manifest field) -> normalised embeddings
+# inputs
 
-class LLMText:
-    """A stage-2 model's text side: adaptor(LLM embedding), the LLM embedding from the cache when the
-    texts are a cached field of the manifest, else from the LLM (loaded on first use)."""
+def model_kind(path):
+    """"stage2", "clip" or "llama", from the folder's files."""
+    if os.path.isfile(os.path.join(path, "adaptor.json")) and os.path.isfile(os.path.join(path, "text.json")):
+        return "stage2"
+    cfg_path = os.path.join(path, "config.json")
+    mt = None
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            mt = json.load(f).get("model_type")
+        if mt in ("clip", "llama"):
+            return mt
+    found = f"config.json has model_type {mt!r}" if os.path.isfile(cfg_path) else \
+        ("not a directory" if not os.path.isdir(path) else "no config.json")
+    raise ValueError(f"model={path!r}: not a model folder evaluate.py knows ({found}); expected a stage-2 "
+                     f"output (adaptor.json + text.json + config.json), an HF CLIP folder (model_type 'clip') "
+                     f"or an HF Llama folder (model_type 'llama')")
 
-    def __init__(self, path, records, device):
-        with open(os.path.join(path, "text.json")) as f:
-            self.info = json.load(f)
-        self.llm_path = llm or self.info["llm"]
-        self.adaptor = M.Adaptor.from_pretrained(path).to(device).eval()
-        self.records, self.device, self.llm = records, device, None
-        if cache:
-            from embed_cache import model_fingerprint
-            with open(os.path.join(cache, "meta.json")) as f:
-                meta = json.load(f)
-            if meta["instruction"] != self.info["instruction"]:
-                raise ValueError(f"{cache}: embedded with instruction {meta['instruction']!r}, the model was "
-                                 f"trained with {self.info['instruction']!r} ({path}/text.json)")
-            if model_fingerprint(self.llm_path) != self.info["llm_sha256"]:
-                raise ValueError(f"{self.llm_path}: not the LLM {path} was trained with (fingerprint differs)")
+def read_classes(path):
+    """(class names, templates) of a zero-shot spec {"classes": [...], "templates": ["... {} ...", ...]}."""
+    with open(path) as f:
+        spec = json.load(f)
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: expected an object {{\"classes\": [...], \"templates\": [...]}}")
+    for key in ("classes", "templates"):
+        v = spec.get(key)
+        if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
+            raise ValueError(f"{path}: key {key!r} must be a non-empty list of strings, got {v!r:.80}")
+    bad = [t for t in spec["templates"] if "{}" not in t]
+    if bad:
+        raise ValueError(f"{path}: template {bad[0]!r} has no '{{}}' for the class name")
+    return spec["classes"], spec["templates"]
 
-    def llm_embed(self, texts):
-        if self.llm is None:
-            self.llm = M.Llama.from_pretrained(self.llm_path, dtype=getattr(torch, dtype)).to(self.device).eval()
-            self.tok = M.load_tokenizer(self.llm_path)
-        return M.embed_texts(self.llm, self.tok, texts, self.info["instruction"], self.info["max_length"], batch_size)
+def split(fields):
+    return [f for f in fields.split(",") if f]
 
-    def raw(self, field):
-        """(LLM embeddings, image of each caption) of a manifest field."""
-        texts, image = caption_rows(self.records, field)
-        if cache:
-            from embed_cache import open_cache
-            e = torch.from_numpy(np.asarray(open_cache(cache, field, self.llm_path, self.records), dtype=np.float32))
-            return e.to(self.device), image
-        return self.llm_embed(texts), image
+# -----------------------------------------------------------------------------
+# the text side of each kind of model: texts -> embeddings in the joint space, and the manifest's fields
 
-    @torch.no_grad()
-    def joint(self, e):
-        return F.normalize(self.adaptor(e.to(self.device)).float(), dim=-1)
-
-    def __call__(self, texts):
-        return self.joint(self.llm_embed(texts))
+def _chunks(texts, size, desc):
+    starts = range(0, len(texts), size)
+    return tqdm(starts, desc=desc, leave=False, disable=len(starts) < 2)
 
 class CLIPText:
+    """CLIP's own text tower: texts truncated to its context like CLIP."""
+
     def __init__(self, path, records, device):
         self.tower = M.CLIPTextTower.from_pretrained(path).to(device).eval()
         self.tok, self.records, self.device = M.load_tokenizer(path), records, device
@@ -164,92 +200,151 @@ class CLIPText:
     @torch.no_grad()
     def __call__(self, texts):
         out = []
-        for s in range(0, len(texts), batch_size):
+        for s in _chunks(texts, batch_size, "text tower"):
             ids, mask = self.tower.tokenize(self.tok, texts[s:s + batch_size])
-            out.append(F.normalize(self.tower(ids.to(self.device), mask.to(self.device)).float(), dim=-1))
+            with torch.autocast("cuda", torch.bfloat16, enabled=self.device == "cuda"):
+                e = self.tower(ids.to(self.device), mask.to(self.device))
+            out.append(F.normalize(e.float(), dim=-1))
         return torch.cat(out)
 
-    def raw(self, field):
-        texts, image = caption_rows(self.records, field)
-        return self(texts), image
+    def field(self, f):
+        """(None: no LLM, joint embeddings) of the field's captions in caption_rows order."""
+        return None, self(caption_rows(self.records, f)[0])
 
+class StageTwoText:
+    """normalize(adaptor(e)), e the LLM's normalised mean-pooled embedding: read from the cache for the
+    manifest's captions when there is one, else computed by the LLM (loaded on first use)."""
+
+    def __init__(self, path, records, device):
+        with open(os.path.join(path, "text.json")) as f:
+            self.info = json.load(f)
+        self.llm_path = llm or self.info["llm"]
+        if not os.path.isdir(self.llm_path):
+            raise FileNotFoundError(f"{self.llm_path}: the LLM of {path}/text.json is not there; pass --llm=<its folder>")
+        # the adaptor was trained on this LLM's embeddings: another one (e.g. via --llm) means garbage
+        if model_fingerprint(self.llm_path) != self.info["llm_sha256"]:
+            raise ValueError(f"{self.llm_path}: not the LLM {path} was trained with "
+                             f"(its fingerprint differs from llm_sha256 in {path}/text.json)")
+        if cache:
+            meta_path = os.path.join(cache, "meta.json")
+            if not os.path.isfile(meta_path):
+                raise FileNotFoundError(f"{cache}: no meta.json (run embed_cache.py first)")
+            with open(meta_path) as f:
+                meta = json.load(f)
+            for key in ("instruction", "max_length"):
+                if meta.get(key) != self.info[key]:
+                    raise ValueError(f"{cache}: embedded with {key} {meta.get(key)!r}, but {path} was trained on "
+                                     f"embeddings with {key} {self.info[key]!r} ({path}/text.json)")
+        self.adaptor = M.Adaptor.from_pretrained(path).to(device).eval()
+        self.records, self.device, self.llm = records, device, None
+
+    def open_field(self, f):
+        """The cache's (N, D) float16 rows of field f, checked against this LLM and the manifest's captions."""
+        return open_cache(cache, f, self.llm_path, self.records)
+
+    def llm_embed(self, texts):
+        if self.llm is None:
+            self.llm = M.Llama.from_pretrained(self.llm_path, dtype=getattr(torch, dtype)).to(self.device).eval()
+            self.tok = M.load_tokenizer(self.llm_path)
+        chunk = 16 * batch_size
+        return torch.cat([M.embed_texts(self.llm, self.tok, texts[s:s + chunk], self.info["instruction"],
+                                        self.info["max_length"], batch_size)
+                          for s in _chunks(texts, chunk, "LLM")])
+
+    @torch.no_grad()
     def joint(self, e):
-        return e
+        with torch.autocast("cuda", torch.bfloat16, enabled=self.device == "cuda"):
+            return F.normalize(self.adaptor(e.to(self.device)).float(), dim=-1)
+
+    def __call__(self, texts):
+        return self.joint(self.llm_embed(texts))
+
+    def field(self, f):
+        """(LLM embeddings, joint embeddings) of the field's captions in caption_rows order."""
+        if cache:  # float16 rows, renormalised in fp32
+            e = F.normalize(torch.from_numpy(np.asarray(self.open_field(f), dtype=np.float32)), dim=-1)
+        else:
+            e = self.llm_embed(caption_rows(self.records, f)[0])
+        e = e.to(self.device)
+        return e, self.joint(e)
 
 @torch.no_grad()
 def image_embeddings(vit, records, device):
+    """(N_img, D) L2-normalised, in manifest order."""
     ds = ImageDataset(manifest, size=vit.config.image_size, train=False, records=records)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=0)
     out = []
     for pixels, _, _ in tqdm(loader, desc="images", leave=False):
-        out.append(F.normalize(vit(pixels.to(device)).float(), dim=-1))
+        with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
+            e = vit(pixels.to(device))
+        out.append(F.normalize(e.float(), dim=-1))
     return torch.cat(out)
 
-def model_kind(path):
-    if os.path.isfile(os.path.join(path, "adaptor.json")):
-        return "stage2"
-    mt = M._read_config(path).get("model_type")
-    if mt in ("clip", "llama"):
-        return mt
-    raise ValueError(f"{path}: neither a stage-2 output (adaptor.json), an HF CLIP folder nor an HF Llama "
-                     f"folder (config.json model_type {mt!r})")
+# -----------------------------------------------------------------------------
 
 def evaluate_towers(kind, device):
-    records = read_manifest(manifest)
+    """Retrieval, zero-shot and c2c of a stage-2 model or a CLIP: (results, counts)."""
+    fields, langs = split(retrieval), split(multilingual)
+    zs = read_classes(classes) if classes else None  # bad input fails before any model is loaded
+    need = list(dict.fromkeys(fields + langs + split(c2c_field)))
+    records = check_manifest(manifest, fields=need, decode=False, label=zs is not None)
+    if zs:
+        bad = [n for n, r in enumerate(records, 1) if not 0 <= r["label"] < len(zs[0])]
+        if bad:
+            raise ValueError(f"{manifest}:{bad[0]}: label {records[bad[0] - 1]['label']} is not a class of {classes} "
+                             f"(0..{len(zs[0]) - 1}; {len(bad)} such lines)")
+    text = (StageTwoText if kind == "stage2" else CLIPText)(model, records, device)
+    if kind == "stage2" and cache:
+        for f in need:  # every cache check before the slow part
+            text.open_field(f)
     vit = M.ViT.from_pretrained(model).to(device).eval()
-    text = (LLMText if kind == "stage2" else CLIPText)(model, records, device)
     img = image_embeddings(vit, records, device)
-    results = {}
-    fields = [f for f in retrieval.split(",") if f]
-    langs = [f for f in multilingual.split(",") if f]
+    memo = {}
+    def field(f):  # (LLM embeddings or None, joint embeddings) of a field, computed once
+        if f not in memo:
+            memo[f] = text.field(f)
+        return memo[f]
+    results, counts = {}, {"images": len(records)}
     for f in fields + langs:
-        raw, image = text.raw(f)
-        rows, rel = caption_relation(caption_rows(records, f)[0], image, len(records))
-        for k, v in retrieval_recall(img, text.joint(raw)[rows], rel).items():
+        texts, image = caption_rows(records, f)
+        rows, owners = distinct_captions(texts, image)
+        _, joint = field(f)
+        for k, v in retrieval_recall(img, joint[torch.as_tensor(rows, device=joint.device)], owners).items():
             results[f"{f}_{k}"] = v
-        if f == c2c_field:
-            results["c2c_top1"] = c2c_top1(text.joint(raw), text.joint(raw), image)
-            if kind == "stage2":
-                results["c2c_llm_top1"] = c2c_top1(raw, raw, image)
+        counts[f] = {"captions": len(texts), "distinct": len(rows)}
     if langs:
         for d in ("i2t", "t2i"):
-            results[f"multilingual_{d}_r1"] = float(np.mean([results[f"{f}_{d}_r1"] for f in langs]))
-    if c2c_field and c2c_field not in fields + langs:
-        raw, image = text.raw(c2c_field)
-        results["c2c_top1"] = c2c_top1(text.joint(raw), text.joint(raw), image)
-        if kind == "stage2":
-            results["c2c_llm_top1"] = c2c_top1(raw, raw, image)
-    if classes:
-        with open(classes) as f:
-            spec = json.load(f)
-        for key in ("classes", "templates"):
-            if not spec.get(key):
-                raise KeyError(f"{classes}: no {key!r} list (expected {{\"classes\": [...], \"templates\": [...]}})")
-        missing = [i + 1 for i, r in enumerate(records) if not isinstance(r.get("label"), int)]
-        if missing:
-            raise ValueError(f"{manifest}:{missing[0]}: no int label for zero-shot classification "
-                             f"({len(missing)} such lines); set classes='' to skip it")
-        class_emb = zeroshot_classifier(text, spec["classes"], spec["templates"])
+            results[f"multilingual_{d}_r1"] = sum(results[f"{f}_{d}_r1"] for f in langs) / len(langs)
+    if zs:
+        class_emb = zeroshot_classifier(text, *zs)
         results.update(zeroshot_accuracy(img, class_emb, [r["label"] for r in records]))
-    return results
+    if c2c_field:
+        e, joint = field(c2c_field)
+        image = caption_rows(records, c2c_field)[1]
+        results["c2c_top1"] = c2c_top1(joint, joint, image)
+        if e is not None:
+            results["c2c_llm_top1"] = c2c_top1(e, e, image)
+    return results, counts
 
 def evaluate_llm(device):
-    """The stage-1 check: caption-to-caption top-1 of an LLM, instruction on queries only."""
-    llm_model = M.Llama.from_pretrained(model, dtype=getattr(torch, dtype)).to(device).eval()
+    """The stage-1 check: caption-to-caption top-1 of an LLM, the instruction on queries only."""
+    net = M.Llama.from_pretrained(model, dtype=getattr(torch, dtype)).to(device).eval()
     tok = M.load_tokenizer(model)
     def c2c(texts, group):
-        q = M.embed_texts(llm_model, tok, texts, instruction, max_length, batch_size)
-        g = M.embed_texts(llm_model, tok, texts, "", max_length, batch_size) if instruction else q
+        q = M.embed_texts(net, tok, texts, instruction, max_length, batch_size)
+        g = M.embed_texts(net, tok, texts, "", max_length, batch_size) if instruction else q
         return c2c_top1(q, g, group)
-    results = {}
+    results, counts = {}, {}
     if c2c_field:
         texts, group = caption_rows(read_manifest(manifest), c2c_field)
         results[f"c2c_top1_{c2c_field}"] = c2c(texts, group)
+        counts[c2c_field] = len(texts)
     if cupl:
         with open(cupl) as f:
             c = json.load(f)
         results["c2c_top1_cupl"] = c2c(c["texts"], c["group"])
-    return results
+        counts["cupl"] = len(c["texts"])
+    return results, counts
 
 if __name__ == "__main__":
     from configurator import configure
@@ -257,11 +352,16 @@ if __name__ == "__main__":
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.time()
     kind = model_kind(model)
-    results = evaluate_llm(device) if kind == "llama" else evaluate_towers(kind, device)
-    print(f"{name or model}")
-    print(f"{'metric':<28} {'%':>8}")
-    for k, v in results.items():
-        print(f"{k:<28} {v:8.2f}")
+    if (cache or llm) and kind != "stage2":
+        raise ValueError(f"--cache and --llm are for stage-2 models; {model} is an HF {kind} folder")
+    results, counts = evaluate_llm(device) if kind == "llama" else evaluate_towers(kind, device)
+    print(f"{name or model} ({kind}): " + ", ".join(
+        f"{k} {v}" if isinstance(v, int) else f"{k} {v['captions']} captions ({v['distinct']} distinct)"
+        for k, v in counts.items()))
+    print(f"{'metric':<24} {'%':>7}")
+    for k, v in results.items():  # in the order computed: retrieval per field, multilingual, zero-shot, c2c
+        print(f"{k:<24} {v:7.2f}")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    M.write_json(out, {"name": name, "model": model, "results": results, "config": config, "seconds": time.time() - t0})
+    M.write_json(out, {"name": name or model, "model": model, "results": results, "counts": counts,
+                       "config": config, "seconds": time.time() - t0})
     print(f"wrote {out} ({time.time() - t0:.0f}s)")
