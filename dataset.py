@@ -152,6 +152,11 @@ def caption_rows(records, field):
         index += [i] * len(caps)
     return texts, np.asarray(index, dtype=np.int64)
 
+
+def rows_by_image(image_index):
+    """caption_rows' image_index -> a list whose item i holds image i's rows (every image has some)."""
+    return np.split(np.arange(len(image_index)), np.flatnonzero(np.diff(image_index)) + 1)
+
 # -----------------------------------------------------------------------------
 # CLIP preprocessing: Pillow for the resampling, numpy/torch for the rest
 
@@ -216,7 +221,7 @@ class ImageDataset(Dataset):
 
     train=True: a random resized crop whose randomness depends only on (seed, epoch, i), never on the
     worker or the batch, so a resumed run sees the same crops. Call set_epoch(e) before iterating each
-    epoch (before the DataLoader starts its workers: they copy the dataset).
+    epoch (before the DataLoader starts its workers: they copy the dataset), or ask for items (i, e).
 
     A bad image raises ValueError naming the file and the manifest line. With skip_bad=True it is
     skipped instead: __getitem__ returns None, `collate` drops it from the batch, and the index is

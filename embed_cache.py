@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import model as M
 from dataset import caption_rows, read_manifest
-from train_common import setup_distributed
+from train_common import setup_distributed, teardown_distributed
 
 # -----------------------------------------------------------------------------
 manifest = "data/fashion/train.jsonl"
@@ -160,8 +160,7 @@ def main():
             raise RuntimeError(f"{out_dir}: chunks {missing[:5]} were not finished; run again to complete")
         M.write_json(meta_path, {**meta, "complete": True})
         print(f"wrote {out_dir}: " + ", ".join(f"{f} {len(t)}x{meta['dim']}" for f, t in rows.items()))
-    if ddp:
-        dist.destroy_process_group()
+    teardown_distributed()
 
 if __name__ == "__main__":
     from configurator import configure

@@ -1,11 +1,12 @@
 """
 What the stage scripts share: the torchrun set-up, the learning-rate schedule, the global batch of a
-step, and checkpoints (safetensors + optimizer state + JSON, swapped in whole).
+step, checkpoints (safetensors + optimizer state + JSON, swapped in whole) and the step log line.
 """
 
 import json
 import math
 import os
+import time
 
 import numpy as np
 import torch
@@ -25,6 +26,13 @@ def setup_distributed(backend=None):
     if cuda:
         torch.cuda.set_device(device)
     return True, dist.get_rank(), dist.get_world_size(), device
+
+def teardown_distributed():
+    """Wait for every rank (rank 0 may still be writing the outputs), then leave the process group: a rank
+    that tears down its gloo connections while a peer still holds them can abort at exit."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 def cosine_lr(step, lr, min_lr, warmup_steps, max_steps):
     """Linear warm-up over warmup_steps, then cosine from lr down to min_lr at max_steps."""
@@ -73,3 +81,32 @@ def load_checkpoint(path, tensors, opt, config, must_match):
         raise ValueError(f"{path}: made with other {', '.join(changed)}; resuming would change the run "
                          f"(use another out_dir)")
     return state["step"]
+
+class StepLog:
+    """One log line per call: step, the losses averaged over ranks, the other values, ms per step (since
+    the previous line, after a CUDA synchronize; none on the first), samples/s and ETA. Rank 0 prints it
+    (through `write`) and appends it as JSON to `path`. Every rank must call it (the average is an
+    all-reduce)."""
+
+    def __init__(self, path, max_steps, batch, master, write=print):
+        self.file = open(path, "a") if master else None
+        self.max_steps, self.batch, self.write = max_steps, batch, write
+        self.t_last, self.step_last = None, 0
+
+    def __call__(self, step, losses, **values):
+        vals = torch.stack([v.detach().float() for v in losses.values()])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(vals)
+            vals /= dist.get_world_size()
+        if vals.is_cuda:
+            torch.cuda.synchronize()
+        now = time.time()
+        ms = (now - self.t_last) * 1000 / (step - self.step_last) if self.t_last else float("nan")
+        self.t_last, self.step_last = now, step
+        if self.file is None:
+            return
+        rec = {"step": step, **dict(zip(losses, vals.tolist())), **{k: float(v) for k, v in values.items()}}
+        self.write(f"step {step}/{self.max_steps} | " + " | ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in list(rec.items())[1:]) +
+                   f" | {ms:.0f} ms/step | {self.batch * 1000 / ms:.1f} samples/s | ETA {(self.max_steps - step) * ms / 1000:.0f}s")
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()

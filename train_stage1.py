@@ -24,7 +24,6 @@ Differences from the paper's setup, on purpose: no chat template around captions
 "instruction caption" text is used for every model) and no hard negatives (one positive per query).
 """
 
-import json
 import os
 import time
 
@@ -35,9 +34,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import model as M
-from dataset import caption_rows, read_manifest
+from dataset import caption_rows, read_manifest, rows_by_image
 from kernels import all_gather_with_grad, structure_loss
-from train_common import cosine_lr, global_batch, load_checkpoint, save_checkpoint, setup_distributed
+from train_common import (StepLog, cosine_lr, global_batch, load_checkpoint, save_checkpoint, setup_distributed,
+                          teardown_distributed)
 
 # -----------------------------------------------------------------------------
 method = "llm2clip"              # llm2clip | proclip
@@ -161,10 +161,7 @@ def main(config):
         caches = {}
         for field in ins_fields.split(","):
             texts, image_index = caption_rows(records, field)
-            rows_of = [[] for _ in records]
-            for r, i in enumerate(image_index):
-                rows_of[i].append(r)
-            caches[field] = (open_cache(cache, field, model, records), rows_of, texts)
+            caches[field] = (open_cache(cache, field, model, records), rows_by_image(image_index), texts)
         dim = caches[ins_fields.split(",")[0]][0].shape[1]
         net = M.Adaptor.for_method("proclip", dim, adaptor_out or teacher.config.projection_dim).to(device)
         step_fn = lambda images, rng: proclip_step(net, teacher, clip_tok, caches, records, images, rng, part, device)  # noqa: E731
@@ -180,9 +177,9 @@ def main(config):
         os.makedirs(out_dir, exist_ok=True)
         print(f"{method}: {sum(p.numel() for p in trainable.values()) / 1e6:.2f}M trainable parameters, "
               f"global batch {G}, {'resuming at step ' + str(step) if step else 'from scratch'}")
-    log = open(os.path.join(out_dir, "log.jsonl"), "a") if master else None
+    log = StepLog(os.path.join(out_dir, "log.jsonl"), max_steps, G, master)
     net.train()
-    t_last, step_last, t_start = None, 0, time.time()
+    t_start = time.time()
     while step < max_steps:
         _, images, rng = global_batch(seed, step, len(records), G, fixed_batch)
         for g in opt.param_groups:
@@ -206,21 +203,8 @@ def main(config):
         opt.step()
         step += 1
         if step % log_interval == 0 or step == max_steps or step == 1:
-            lval = loss.detach().clone()
-            if ddp:  # every rank joins the all-reduce; rank 0 prints
-                dist.all_reduce(lval)
-                lval /= world  # the global loss (llm2clip); the mean of the ranks' sums (proclip)
-            if "cuda" in device:
-                torch.cuda.synchronize()
-            now = time.time()
-            ms = (now - t_last) * 1000 / (step - step_last) if t_last else float("nan")  # not the 1st step
-            t_last, step_last = now, step
-            if master:
-                lval, gn, lr_now = lval.item(), gnorm.item(), lr_at(step - 1)
-                print(f"step {step}/{max_steps} | loss {lval:.4f} | lr {lr_now:.2e} | grad norm {gn:.3f} | "
-                      f"{ms:.0f} ms/step | {G * 1000 / ms:.1f} samples/s | ETA {(max_steps - step) * ms / 1000:.0f}s")
-                log.write(json.dumps({"step": step, "loss": lval, "lr": lr_now, "grad_norm": gn}) + "\n")
-                log.flush()
+            # the global loss (llm2clip); the mean of the ranks' sums (proclip)
+            log(step, {"loss": loss}, lr=lr_at(step - 1), grad_norm=gnorm)
         if master and (step % ckpt_interval == 0 or step == max_steps or step == halt_at):
             save_checkpoint(ckpt, trainable, opt, step, config)
         if step == halt_at:
@@ -234,8 +218,7 @@ def main(config):
         else:
             net.save_pretrained(out_dir)
         print(f"done in {time.time() - t_start:.0f}s: {out_dir}")
-    if ddp:
-        dist.destroy_process_group()
+    teardown_distributed()
 
 if __name__ == "__main__":
     from configurator import configure

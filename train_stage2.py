@@ -46,9 +46,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import model as M
-from dataset import ImageDataset, caption_rows, collate, image_fault, image_path, read_manifest
+from dataset import ImageDataset, caption_rows, collate, image_fault, image_path, read_manifest, rows_by_image
 from kernels import contrastive_loss, structure_loss
-from train_common import cosine_lr, global_batch, load_checkpoint, save_checkpoint, setup_distributed
+from train_common import (StepLog, cosine_lr, global_batch, load_checkpoint, save_checkpoint, setup_distributed,
+                          teardown_distributed)
 
 # -----------------------------------------------------------------------------
 method = "llm2clip"              # llm2clip | proclip | clip
@@ -150,8 +151,10 @@ def clip_from_scratch(vocab_size, eos_token_id):
                 nn.init.normal_(p, std=0.02)
             elif "norm" in name and name.endswith("weight"):
                 nn.init.ones_(p)
+            elif "class_embedding" in name:
+                nn.init.normal_(p, std=vision_width ** -0.5)
             else:
-                nn.init.zeros_(p) if "class_embedding" not in name else nn.init.normal_(p, std=vision_width ** -0.5)
+                nn.init.zeros_(p)
     return vit, text
 
 def clip_tokenizer(path):
@@ -225,16 +228,16 @@ def main(config):
     texts_of = {}
     for f in names:
         texts_of[f], index = caption_rows(records, f)  # every image needs captions in every field: fail now
-        rows_of[f] = np.split(np.arange(len(index)), np.flatnonzero(np.diff(index)) + 1)
+        rows_of[f] = rows_by_image(index)
     keep = list(range(len(records)))
     if skip_bad:  # every image checked before the first step, so all ranks keep the same set
-        bad = [i for i in tqdm(keep, desc="checking images", disable=not master)
-               if image_fault(image_path(manifest, records[i]))]
-        if master and bad:
-            print(f"{manifest}: skipping {len(bad)} image(s) Pillow cannot read:\n" +
-                  "\n".join(f"  line {i + 1}: {image_fault(image_path(manifest, records[i]))}" for i in bad[:20]) +
-                  (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""))
-        keep = sorted(set(keep) - set(bad))
+        faults = {i: why for i in tqdm(keep, desc="checking images", disable=not master)
+                  if (why := image_fault(image_path(manifest, records[i])))}
+        if master and faults:
+            print(f"{manifest}: skipping {len(faults)} image(s) Pillow cannot read:\n" +
+                  "\n".join(f"  line {i + 1}: {why}" for i, why in list(faults.items())[:20]) +
+                  (f"\n  ... and {len(faults) - 20} more" if len(faults) > 20 else ""))
+        keep = [i for i in keep if i not in faults]
     G = batch_size * world
     part = slice(rank * batch_size, (rank + 1) * batch_size)
     if len(keep) < G:
@@ -307,10 +310,10 @@ def main(config):
         e = np.stack([arrays[f][r] for f, r in rows]).astype(np.float32)  # (B, D) from the memmaps
         return torch.from_numpy(e).to(device)
 
-    log = open(os.path.join(out_dir, "log.jsonl"), "a") if master else None
     bar = tqdm(total=max_steps, initial=start, desc=f"stage 2 {method}", unit="step", disable=not master)
+    log = StepLog(os.path.join(out_dir, "log.jsonl"), max_steps, G, master, write=bar.write)
     model.train()
-    step, t_last, step_last, t_start = start, None, start, time.time()
+    step, t_start = start, time.time()
     for pixels, idx, _ in loader:
         _, images, rng = global_batch(seed, step, len(keep), G, fixed_batch)
         assert idx.tolist() == [keep[j] for j in images[part]]  # the loader serves exactly this step's images
@@ -342,23 +345,7 @@ def main(config):
         step += 1
         bar.update()
         if step % log_interval == 0 or step == max_steps or step == start + 1:
-            vals = torch.stack([loss.detach(), info.detach()])
-            if ddp:
-                torch.distributed.all_reduce(vals)
-                vals /= world
-            if "cuda" in device:
-                torch.cuda.synchronize()
-            now = time.time()
-            ms = (now - t_last) * 1000 / (step - step_last) if t_last else float("nan")  # not the 1st step
-            t_last, step_last = now, step
-            if master:
-                lval, ival, gn, s = vals[0].item(), vals[1].item(), gnorm.item(), net.logit_scale.exp().item()
-                bar.write(f"step {step}/{max_steps} | loss {lval:.4f} | infonce {ival:.4f} | scale {s:.1f} | "
-                          f"lr {lr_now:.2e} | grad norm {gn:.3f} | {ms:.0f} ms/step | {G * 1000 / ms:.1f} samples/s | "
-                          f"ETA {(max_steps - step) * ms / 1000:.0f}s")
-                log.write(json.dumps({"step": step, "loss": lval, "infonce": ival, "logit_scale": s,
-                                      "lr": lr_now, "grad_norm": gn}) + "\n")
-                log.flush()
+            log(step, {"loss": loss, "infonce": info}, logit_scale=net.logit_scale.exp(), lr=lr_now, grad_norm=gnorm)
         if master and (step % ckpt_interval == 0 or step == max_steps or step == halt_at):
             save_checkpoint(ckpt, tensors, opt, step, config)
         if step == halt_at:
@@ -367,8 +354,7 @@ def main(config):
     if master and step == max_steps:
         export(os.path.join(out_dir, "model"), net, tok, config)
         print(f"done in {time.time() - t_start:.0f}s: {out_dir}/model")
-    if ddp:
-        torch.distributed.destroy_process_group()
+    teardown_distributed()
 
 if __name__ == "__main__":
     from configurator import configure
