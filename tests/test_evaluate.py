@@ -7,8 +7,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,9 +20,8 @@ from dataset import eval_transform
 from embed_cache import model_fingerprint
 from evaluate import (c2c_top1, distinct_captions, model_kind, read_classes, retrieval_recall, zeroshot_accuracy,
                       zeroshot_classifier)
-from tiny import WORDS, tiny_clip, tiny_llm, write_images
+from tiny import WORDS, run_script, tiny_clip, tiny_llm, write_images
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # -----------------------------------------------------------------------------
 # plain-loop references
@@ -250,11 +247,7 @@ def write_eval_manifest(folder):
 
 def run(script, check=True, **args):
     """A script on the CPU (fp32 throughout: the numbers below are compared with CPU computations here)."""
-    r = subprocess.run([sys.executable, script] + [f"--{k}={v}" for k, v in args.items()], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    return run_script(script, args, check=check, env={"CUDA_VISIBLE_DEVICES": ""})
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

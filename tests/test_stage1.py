@@ -4,24 +4,19 @@ SimCSE step as one process with the global batch."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny import tiny_clip, tiny_llm, write_manifest
+from tiny import run_script, tiny_clip, tiny_llm, write_manifest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("stage1")
     llm, manifest = tiny_llm(d / "llm"), write_manifest(d / "m.jsonl", n=48)
-    r = subprocess.run([sys.executable, "embed_cache.py", f"--model={llm}", f"--manifest={manifest}",
-                        f"--out_dir={d / 'cache'}"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    run_script("embed_cache.py", dict(model=llm, manifest=manifest, out_dir=d / "cache"))
     return dict(llm=llm, manifest=manifest, clip=tiny_clip(d / "clip"), cache=str(d / "cache"), dir=d)
 
 def train(setup, out, torchrun=0, **kw):
@@ -29,11 +24,7 @@ def train(setup, out, torchrun=0, **kw):
                 cache=setup["cache"], batch_size=8, max_steps=6, warmup_steps=2, log_interval=1, lora_r=4,
                 lora_alpha=8, instruction="retrieve a similar caption")
     args.update(kw)
-    launch = [sys.executable] if not torchrun else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-    r = subprocess.run(launch + ["train_stage1.py"] + [f"--{k}={v}" for k, v in args.items()], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_script("train_stage1.py", args, torchrun)
     return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
 
 @pytest.mark.parametrize("method,lr", [("llm2clip", 1e-2), ("proclip", 3e-3)])

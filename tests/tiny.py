@@ -1,6 +1,10 @@
-"""Tiny HF models and manifests that tests build in a temporary folder (random weights, seconds to make)."""
+"""Tiny HF models and manifests that tests build in a temporary folder (random weights, seconds to make),
+and the one way tests run a script."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -58,3 +62,16 @@ def write_images(folder, n, size=16, seed=0):
     rng = np.random.default_rng(seed)
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(f"{folder}/{i}.png")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def run_script(script, args, torchrun=0, check=True, env=None):
+    """`python script --key=value ...` from the repository root (under torchrun with `torchrun` processes
+    if > 0), one thread per process, extra environment `env`; asserts it succeeded unless check=False."""
+    launch = [sys.executable] if not torchrun else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+    r = subprocess.run(launch + [script] + [f"--{k}={v}" for k, v in args.items()], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
