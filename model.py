@@ -838,7 +838,12 @@ def pad_batch(ids, pad_id=0, device=None):
 def embed_texts(llm, tokenizer, texts, instruction="", max_length=512, batch_size=64):
     """Mean-pooled, L2-normalised fp32 embeddings (N, D) of texts, in their order. Batches are formed
     from length-sorted texts (little padding); the result does not depend on the order of `texts`'s rows
-    beyond that batching."""
+    beyond that batching. Identical texts are embedded once (the demo's short captions repeat ~45x)."""
+    uniq = list(dict.fromkeys(texts))
+    if len(uniq) < len(texts):
+        where = {t: i for i, t in enumerate(uniq)}
+        out = embed_texts(llm, tokenizer, uniq, instruction, max_length, batch_size)
+        return out[torch.tensor([where[t] for t in texts], device=out.device)]
     ids, n_prefix = tokenize_for_embedding(tokenizer, texts, instruction, max_length)
     order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
     dev = llm.embed_tokens.weight.device

@@ -1,5 +1,7 @@
 # ProCLIP stage 2 on the Fashion demo: the base CLIP's ViT with its own projection, the adaptor from
 # ProCLIP stage 1 over raw SmolLM2's cached embeddings, and the EMA teacher (settings as LLM2CLIP's demo).
+# lambda 0.01: at 0.1 with these steps the distillation sums (over 128 images, 8128 pairs) were twice the
+# InfoNCE loss at step 25 and the clipped gradient was almost all distillation.
 method = "proclip"
 manifest = "data/fashion/out/train.jsonl"
 clip = "out/demo/base_clip/model"
@@ -9,13 +11,13 @@ stage1 = "out/demo/stage1_proclip"
 out_dir = "out/demo/proclip"
 fields = "short,long"
 ema_momentum = 0.999
-distill_lambda = 0.1
+distill_lambda = 0.01
 batch_size = 128
-max_steps = 150
-warmup_steps = 15
+max_steps = 250
+warmup_steps = 20
 lr = 5e-4
 min_lr = 1e-5
-layer_decay = 0.85
+layer_decay = 1.0
 weight_decay = 0.05
 num_workers = 1
 log_interval = 25
