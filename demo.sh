@@ -14,8 +14,8 @@ SECONDS=0
 # the LLM's inference dtype: bf16 on GPUs and on CPUs with bf16 instructions (3.5x faster there), else fp32
 llm_dtype=$(python -c "import torch; print('bfloat16' if torch.cuda.is_available() or getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)() else 'float32')")
 
+python data/smollm2/prepare.py  # first: the data build reads its tokenizer for caption-length statistics
 python data/fashion/prepare.py
-python data/smollm2/prepare.py
 train2() { [ -d "$2/model" ] || python train_stage2.py "$1" --out_dir="$2" --seed="$seed" "${@:3}"; }
 
 # 1. the base CLIP ("pretrained CLIP"): a small ViT + a CLIP text tower with a 16-token context, short captions

@@ -105,7 +105,7 @@ class StepLog:
         self.t_last, self.step_last = now, step
         if self.file is None:
             return
-        rec = {"step": step, **dict(zip(losses, vals.tolist())), **{k: float(v) for k, v in values.items()}}
+        rec = {"step": step, **dict(zip(losses, vals.tolist())), **{k: float(torch.as_tensor(v).detach()) for k, v in values.items()}}
         self.write(f"step {step}/{self.max_steps} | " + " | ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in list(rec.items())[1:]) +
                    f" | {ms:.0f} ms/step | {self.batch * 1000 / ms:.1f} samples/s | ETA {(self.max_steps - step) * ms / 1000:.0f}s")
         self.file.write(json.dumps(rec) + "\n")
