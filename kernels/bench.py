@@ -2,7 +2,7 @@
 Benchmark the fused losses against their PyTorch references on one GPU.
 
     python -m kernels.bench                      # full sweep: N 4096..131072, D 512/768/1024, bf16
-    python -m kernels.bench --ns=4096,8192 --ds=512 --ops=contrastive   # a slice of it
+    python -m kernels.bench --ns=4096,8192 --ds=512 --ops=contrastive,sigmoid   # a slice of it
 
 Writes kernels/results.csv (op,provider,N,D,dtype,fwd_ms,bwd_ms,total_ms,peak_mem_mb,tflops,gpu; a case
 that ran out of memory or failed is a row saying so in fwd_ms), kernels/results.md (the table with the
@@ -11,9 +11,13 @@ if it is missing). Without a GPU it says so and exits cleanly.
 
 Providers. contrastive: ours, torch (the reference in bf16, eager), torch-compile (the same under
 torch.compile), inf-cl (PyPI inf-cl's cal_inf_loss run in both directions and averaged, when
-installed). structure: ours, torch, torch-compile.
+installed). sigmoid (SigLIP): ours, torch (open_clip's SigLipLoss written out, eager), torch-compile.
+structure: ours, torch, torch-compile.
 FLOP counts used for TFLOP/s and the floor: contrastive 8 N^2 D (2 forward, 6 backward: the minimum
-for a forward logits product plus recomputation and two gradient products), structure 6 N^2 D (two
+for a forward logits product plus recomputation and two gradient products), sigmoid 6 N^2 D (the
+logits product, 2 N^2 D, and the two gradient products, 4 N^2 D: its per-pair gradient needs no row
+statistics, so ours forms it in the forward sweep and nothing is recomputed; its "fwd" column
+therefore holds nearly all the work and "bwd" only a rescale), structure 6 N^2 D (two
 Grams over the upper triangle, 2 N^2 D, and four half-size gradient products, 4 N^2 D). TFLOP/s is
 that count over the measured time for every provider, so providers compare by time; "floor" is the
 fraction of the dense bf16 peak (PEAK_TFLOPS) that time reaches.
@@ -31,16 +35,17 @@ import torch
 # settings, overridable as --key=value
 ns = "4096,8192,16384,32768,65536,131072"  # batch sizes N
 ds = "512,768,1024"  # feature widths D
-ops = "contrastive,structure"
+ops = "contrastive,sigmoid,structure"
 providers = "ours,torch,torch-compile,inf-cl"
 dtype = "bfloat16"
-scale = 100.0  # logit multiplier s for the contrastive loss
+scale = 100.0  # logit multiplier s for the contrastive and sigmoid losses
+bias = -10.0  # logit bias t for the sigmoid loss (SigLIP's initial value)
 out_dir = os.path.dirname(os.path.abspath(__file__))  # where results.{csv,md,png} go
 PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}  # dense bf16, about (DESIGN.md section 8)
 # -----------------------------------------------------------------------------
 
 COLUMNS = ["op", "provider", "N", "D", "dtype", "fwd_ms", "bwd_ms", "total_ms", "peak_mem_mb", "tflops", "gpu"]
-FLOPS_PER_N2D = {"contrastive": 8, "structure": 6}
+FLOPS_PER_N2D = {"contrastive": 8, "sigmoid": 6, "structure": 6}
 
 
 def _override(argv):
@@ -55,6 +60,7 @@ def _override(argv):
 def _loss_fn(op, provider):
     """fn(a, b, s) -> loss for one provider, or None when it is not available."""
     from kernels.contrastive import contrastive_loss, contrastive_loss_reference
+    from kernels.sigmoid import sigmoid_loss, sigmoid_loss_reference
     from kernels.structure import structure_loss, structure_loss_reference
     if op == "contrastive":
         if provider == "ours":
@@ -69,6 +75,15 @@ def _loss_fn(op, provider):
             except ImportError:
                 return None
             return lambda a, b, s: (cal_inf_loss(a, b, scale=s) + cal_inf_loss(b, a, scale=s)) / 2
+    if op == "sigmoid":
+        t = torch.tensor(bias, device="cuda", requires_grad=True)  # learnable, so its gradient is timed too
+        if provider == "ours":
+            return lambda a, b, s: sigmoid_loss(a, b, s, t)
+        if provider == "torch":
+            return lambda a, b, s: sigmoid_loss_reference(a, b, s, t)
+        if provider == "torch-compile":
+            compiled = torch.compile(sigmoid_loss_reference)
+            return lambda a, b, s: compiled(a, b, s, t)
     if op == "structure":
         if provider == "ours":
             return lambda a, b, s: structure_loss(a, b)
@@ -135,7 +150,8 @@ def _write_markdown(rows, gpu, versions, path):
     lines = [f"# Kernel benchmark on {gpu}", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".", "",
              f"Median ms by triton.testing.do_bench; memory is the peak above the inputs; TFLOP/s counts "
-             f"8 N^2 D (contrastive) or 6 N^2 D (structure) for every provider; floor = that / {peak} TFLOP/s.",
+             f"8 N^2 D (contrastive) or 6 N^2 D (sigmoid, structure) for every provider; "
+             f"floor = that / {peak} TFLOP/s.",
              "", "| op | provider | N | D | fwd ms | bwd ms | total ms | peak MB | TFLOP/s | floor |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
