@@ -6,16 +6,36 @@ LLM and cached embeddings, same or better accuracy).
     python embed_cache.py --manifest=data/fashion/train.jsonl --model=data/smollm2/hf --out_dir=out/cache/train
     torchrun --standalone --nproc_per_node=8 embed_cache.py --manifest=... --model=... --out_dir=...
 
-In:  a JSONL manifest (dataset.py) and an HF Llama folder (raw, or merged after stage 1).
-Out: out_dir/<field>.npy  (rows = that field's captions in manifest order, see dataset.caption_rows;
+In:  a JSONL manifest (dataset.py; indexed on first use) and an HF Llama folder (raw, or merged after stage 1).
+Out: out_dir/<field>.npy  (rows = that field's captions in manifest order, see dataset.Manifest.rows;
                            L2-normalised mean-pooled embeddings, float16; read with np.load(mmap_mode="r"))
-     out_dir/meta.json    (count and fingerprint per field, dim, dtype, pooling, instruction, max length,
-                           model fingerprint, "complete")
-     out_dir/done/        (one empty file per finished chunk: the resume record)
+     out_dir/meta.json    (count and caption fingerprint per field, dim, dtype, pooling, instruction, max
+                           length, model fingerprint, "complete", and the over-length report)
+     out_dir/done/        (one small JSON file per finished chunk: the resume record)
 Chunks of `chunk_size` captions go round-robin to the ranks, which write their rows into the same files.
 Inside a chunk captions are length-sorted into batches. Killed at any moment and run again, it redoes only
-unfinished chunks and ends with files byte-identical to an uninterrupted run (a chunk's batches do not
-depend on what else ran). A cache whose fingerprints do not match the model or manifest is refused.
+unfinished chunks. A cache whose fingerprints do not match the model or manifest is refused.
+
+Scale (10M+ captions, D up to 4096: an 80 GB fp16 file per 10M rows): no field is ever held in memory.
+A chunk's texts are read from the manifest through its index (one read of the lines that hold them), its
+rows are written through a memory map of those rows only. The caption fingerprints come from the manifest
+index (computed once, when the manifest was indexed); the model's sha256 is cached per file size, mtime
+and inode (in ~/.cache/nano-llm2clip/fingerprints.json), so a start rehashes nothing that did not change.
+
+Bytes: a chunk's rows depend only on its captions and the settings in meta.json (model, compute dtype,
+batch size, chunk size, instruction, max length), never on which rank ran it or what ran before, so a
+resumed or multi-rank cache equals a one-process uninterrupted one byte for byte *on the same kernels*:
+the same device and the same number of CPU threads (torchrun sets OMP_NUM_THREADS=1 per rank; a plain
+`python` uses every core). fp32 reductions may round differently with another thread count on some
+CPUs (AMD EPYC here): then rows differ in the last fp16 bit, not more.
+
+Captions longer than max_length tokens (instruction and BOS included) keep their first tokens and lose the
+rest (tokenize_for_embedding); the cache counts them per field and reports, once, when it completes:
+how many, the longest (tokens) and its manifest line (also in meta.json, "over_length").
+
+Integrity: on every open (open_cache, and embed_cache.py itself) each field's .npy must have the header,
+rows, width and dtype meta.json records and its full size; a damaged file is named with the fix (run
+embed_cache.py again: it redoes a damaged field; a meta.json that does not parse means deleting the folder).
 """
 
 import functools
@@ -31,20 +51,24 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 import model as M
-from dataset import caption_rows, read_manifest
+from dataset import Manifest, read_manifest
 from train_common import setup_distributed, teardown_distributed
 
 # -----------------------------------------------------------------------------
 manifest = "data/fashion/train.jsonl"
+index_dir = ""                   # where the manifest's index goes; "" = beside it (<manifest>.index/)
 model = "data/smollm2/hf"        # HF Llama folder
 out_dir = "out/cache/train"
 fields = ""                      # comma-separated caption fields; "" = every field of the manifest
 instruction = ""                 # prepended and attended to, not pooled; "" = none
-max_length = 512                 # tokens per caption (instruction included)
+max_length = 512                 # tokens per caption (instruction included); longer ones are cut and reported
 batch_size = 64
 chunk_size = 2048                # captions per resumable unit of work
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 # -----------------------------------------------------------------------------
+DTYPES = ("float32", "bfloat16", "float16")
+FINGERPRINTS = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nano-llm2clip",
+                            "fingerprints.json")
 
 def sha256_files(paths):
     h = hashlib.sha256()
@@ -56,50 +80,141 @@ def sha256_files(paths):
 
 @functools.lru_cache(maxsize=None)
 def model_fingerprint(path):
-    """sha256 of config.json and every safetensors file: any change of weights gives another cache."""
+    """sha256 of config.json and every safetensors file: any change of weights gives another cache.
+    Remembered per (real path, name, size, mtime, inode) of those files in FINGERPRINTS, so an unchanged
+    8B model (16 GB) is not rehashed at every start; a changed file changes the key and is hashed again."""
     names = ["config.json"] + sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
-    return sha256_files([os.path.join(path, n) for n in names])
+    files = [os.path.join(path, n) for n in names]
+    key = json.dumps([os.path.realpath(path)] + [[n, s.st_size, s.st_mtime_ns, s.st_ino]
+                                                  for n, s in zip(names, map(os.stat, files))])
+    try:
+        with open(FINGERPRINTS) as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    sha = sha256_files(files)
+    try:  # best effort: a read-only home only costs the rehash
+        os.makedirs(os.path.dirname(FINGERPRINTS), exist_ok=True)
+        tmp = f"{FINGERPRINTS}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({**known, key: sha}, f)
+        os.replace(tmp, FINGERPRINTS)
+    except OSError:
+        pass
+    return sha
 
-def text_fingerprint(texts):
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(t.encode("utf-8") + b"\0")
-    return h.hexdigest()
+# -----------------------------------------------------------------------------
+# integrity
 
-def open_cache(cache_dir, field, model_path=None, records=None):
-    """The (N, D) float16 memmap of one field, after checking the cache is complete and was made by this
-    model (fingerprint of `model_path`) from these captions (`records`, as read from the manifest)."""
+def npy_layout(path):
+    """(shape, dtype, data offset) of an .npy from its header; ValueError naming the file if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dt = read(f)
+            return shape, dt, f.tell()
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npy ({type(e).__name__}: {e})") from None
+
+def npy_fault(path, rows, dim):
+    """None if path is a complete (rows, dim) float16 .npy, else what is wrong."""
+    if not os.path.isfile(path):
+        return "missing"
+    try:
+        shape, dt, offset = npy_layout(path)
+    except ValueError as e:
+        return str(e).split(": ", 1)[1]
+    if shape != (rows, dim) or dt != np.float16:
+        return f"holds {dt} {shape}, meta.json records float16 ({rows}, {dim})"
+    size, want = os.path.getsize(path), offset + rows * dim * 2
+    if size != want:
+        return f"{size} bytes, a complete ({rows}, {dim}) float16 file has {want} (truncated?)"
+    return None
+
+def read_meta(cache_dir):
     meta_path = os.path.join(cache_dir, "meta.json")
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{cache_dir}: no meta.json (run embed_cache.py first)")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    try:
+        with open(meta_path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{meta_path}: does not parse ({e}); the cache cannot be trusted: delete {cache_dir} "
+                         f"and run embed_cache.py again to rebuild it") from None
+
+def open_cache(cache_dir, field, model_path=None, manifest=None):
+    """The (N, D) float16 memmap of one field, after checking the cache is complete and intact, was made
+    by this model (fingerprint of `model_path`) and from these captions (`manifest`: a dataset.Manifest,
+    or a manifest path, whose index holds the captions' fingerprint)."""
+    meta_path = os.path.join(cache_dir, "meta.json")
+    meta = read_meta(cache_dir)
     if not meta.get("complete"):
         raise ValueError(f"{meta_path}: the cache is incomplete; run embed_cache.py again to finish it")
     if field not in meta["fields"]:
         raise KeyError(f"{meta_path}: no field {field!r} (has {sorted(meta['fields'])})")
+    if "captions_fingerprint" not in meta["fields"][field]:
+        raise ValueError(f"{meta_path}: made by an older embed_cache.py (no caption fingerprint); rebuild the cache")
+    path = os.path.join(cache_dir, f"{field}.npy")
+    why = npy_fault(path, meta["fields"][field]["count"], meta["dim"])
+    if why:
+        raise ValueError(f"{path}: damaged: {why}; run embed_cache.py again with the same settings (it redoes "
+                         f"a damaged field) or delete {cache_dir} and rebuild it")
     if model_path is not None and meta["model_sha256"] != model_fingerprint(model_path):
         raise ValueError(f"{meta_path}: made by another model ({meta['model']}) than {model_path}: "
                          f"rebuild the cache with this model")
-    if records is not None:
-        texts, _ = caption_rows(records, field)
-        if meta["fields"][field]["captions_sha256"] != text_fingerprint(texts):
-            raise ValueError(f"{meta_path}: field {field!r} was made from other captions than the manifest in use")
-    return np.load(os.path.join(cache_dir, f"{field}.npy"), mmap_mode="r")
+    if manifest is not None:
+        man = manifest if isinstance(manifest, Manifest) else Manifest(manifest)
+        if meta["fields"][field]["captions_fingerprint"] != man.fingerprint(field):
+            raise ValueError(f"{meta_path}: field {field!r} was made from other captions than {man.path}")
+    return np.load(path, mmap_mode="r")
 
-def _touch(path):
-    with open(path + ".tmp", "w"):
-        pass
+# -----------------------------------------------------------------------------
+
+def _touch(path, record):
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f)
     os.replace(path + ".tmp", path)
 
+def over_length(tok, texts, max_length):
+    """(count, longest in tokens, its index) of texts that need more than max_length tokens with the
+    instruction. Each token covers at least one byte, plus at most 2 tokens of prefix space and BOS, so
+    only texts longer than that many bytes are tokenized (captions that surely fit cost nothing)."""
+    prefix = len(M.tokenize_for_embedding(tok, [""], instruction, 10 ** 9)[0][0])
+    maybe = [i for i, t in enumerate(texts) if len(t.encode("utf-8")) + prefix + 2 > max_length]
+    if not maybe:
+        return 0, 0, -1
+    ids, _ = M.tokenize_for_embedding(tok, [texts[i] for i in maybe], instruction, 10 ** 9)
+    lens = [len(x) for x in ids]
+    k = int(np.argmax(lens))
+    return sum(n > max_length for n in lens), lens[k], maybe[k]
+
+def write_rows(path, start, emb):
+    """emb (n, D) float16 into rows start.. of the .npy at path, through a map of those rows only (an 80 GB
+    field is never mapped, or flushed, whole)."""
+    _, _, offset = npy_layout(path)
+    rows = np.memmap(path, dtype=np.float16, mode="r+", offset=offset + start * emb.shape[1] * 2, shape=emb.shape)
+    rows[:] = emb
+    rows.flush()
+    del rows
+
 def main():
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    for k in ("batch_size", "chunk_size", "max_length"):
+        if globals()[k] < 1:
+            raise ValueError(f"{k}={globals()[k]}: must be positive")
     # gloo even on GPUs: the ranks only meet at barriers, and uneven work must not trip NCCL's watchdog
     ddp, rank, world, device = setup_distributed("gloo")
     barrier = dist.barrier if ddp else (lambda: None)
 
-    records = read_manifest(manifest)
-    names = [f for f in fields.split(",") if f] or sorted({k for r in records for k in r.get("captions", {})})
-    rows = {f: caption_rows(records, f)[0] for f in names}
+    man = read_manifest(manifest, index_dir or None)  # indexed (and checked) once, on first use
+    names = [f for f in fields.split(",") if f] or man.fields
+    for f in names:
+        man.ptr(f)  # a field no record has: KeyError naming the manifest and its fields
+    counts = {f: man.n_rows(f) for f in names}
     llm = M.Llama.from_pretrained(model, dtype=getattr(torch, dtype)).to(device).eval()
     tok = M.load_tokenizer(model)
     meta_path = os.path.join(out_dir, "meta.json")
@@ -110,44 +225,58 @@ def main():
         meta = dict(model=model, model_sha256=model_fingerprint(model), manifest=manifest,
                     dim=llm.config.hidden_size, dtype="float16", compute_dtype=dtype, batch_size=batch_size,
                     pooling="mean", instruction=instruction, max_length=max_length, chunk_size=chunk_size,
-                    fields={f: dict(count=len(t), captions_sha256=text_fingerprint(t)) for f, t in rows.items()})
+                    fields={f: dict(count=counts[f], captions_fingerprint=man.fingerprint(f)) for f in names})
         os.makedirs(os.path.join(out_dir, "done"), exist_ok=True)
         old = {}
         if os.path.isfile(meta_path):  # resume: only into a cache made with exactly these settings
-            with open(meta_path) as f:
-                old = json.load(f)
+            old = read_meta(out_dir)
+            if any("captions_fingerprint" not in v for v in old.get("fields", {}).values()):
+                raise ValueError(f"{meta_path}: a cache made by an older embed_cache.py (caption fingerprints of "
+                                 f"another kind); delete {out_dir} and run again to rebuild it")
             diff = [k for k in meta if old.get(k) != meta[k] and k not in ("model", "manifest")]
             if diff:
                 raise ValueError(f"{meta_path}: an existing cache made with other {', '.join(diff)}; "
                                  f"delete {out_dir} or choose another out_dir")
+            for f in names:  # integrity: a damaged field is redone, never reported complete
+                path = os.path.join(out_dir, f"{f}.npy")
+                why = npy_fault(path, counts[f], meta["dim"])
+                if why and (old.get("complete") or why != "missing"):
+                    print(f"{path}: damaged ({why}): redoing field {f!r}")
+                    if os.path.exists(path):
+                        os.remove(path)
+                    for d in os.listdir(os.path.join(out_dir, "done")):
+                        if d.rsplit(".", 1)[0] == f:
+                            os.remove(os.path.join(out_dir, "done", d))
+                    old["complete"] = False
         if not old.get("complete"):
             M.write_json(meta_path, {**meta, "complete": False})
-            for f, texts in rows.items():
+            for f in names:
                 path = os.path.join(out_dir, f"{f}.npy")
                 if not os.path.isfile(path):  # create under a temporary name: a kill leaves no half header
-                    arr = open_memmap(path + ".tmp.npy", mode="w+", dtype=np.float16, shape=(len(texts), meta["dim"]))
+                    arr = open_memmap(path + ".tmp.npy", mode="w+", dtype=np.float16, shape=(counts[f], meta["dim"]))
                     del arr
                     os.replace(path + ".tmp.npy", path)
     barrier()  # (a rank 0 that raised above takes the others down with it: torchrun ends the job)
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = read_meta(out_dir)
     if meta["complete"]:
-        print(f"{out_dir}: complete already, nothing to do") if rank == 0 else None
+        print(f"{out_dir}: complete already (every field intact), nothing to do") if rank == 0 else None
         return
 
-    work = [(f, c) for f, texts in rows.items() for c in range((len(texts) + chunk_size - 1) // chunk_size)]
+    work = [(f, c) for f in names for c in range((counts[f] + chunk_size - 1) // chunk_size)]
     mine = [(f, c) for i, (f, c) in enumerate(work) if i % world == rank]
     todo = [(f, c) for f, c in mine if not os.path.exists(os.path.join(out_dir, "done", f"{f}.{c:06d}"))]
-    n_caps = sum(min(chunk_size, len(rows[f]) - c * chunk_size) for f, c in todo)
+    n_caps = sum(min(chunk_size, counts[f] - c * chunk_size) for f, c in todo)
     bar = tqdm(total=n_caps, unit="cap", disable=rank != 0, desc=f"embedding (rank 0 of {world})")
-    arrays = {f: np.load(os.path.join(out_dir, f"{f}.npy"), mmap_mode="r+") for f in rows}
     t0 = time.time()
     for f, c in todo:
-        texts = rows[f][c * chunk_size:(c + 1) * chunk_size]
+        start = c * chunk_size
+        texts = man.texts(f, start, start + chunk_size)  # this chunk's captions only, read from the manifest
+        n_over, longest, at = over_length(tok, texts, max_length)
         emb = M.embed_texts(llm, tok, texts, instruction, max_length, batch_size)
-        arrays[f][c * chunk_size:c * chunk_size + len(texts)] = emb.to(torch.float16).cpu().numpy()
-        arrays[f].flush()
-        _touch(os.path.join(out_dir, "done", f"{f}.{c:06d}"))  # only after the rows are on disk
+        write_rows(os.path.join(out_dir, f"{f}.npy"), start, emb.to(torch.float16).cpu().numpy())
+        # only after the rows are on disk
+        _touch(os.path.join(out_dir, "done", f"{f}.{c:06d}"),
+               dict(rows=len(texts), over=n_over, longest=longest, longest_row=start + at if at >= 0 else -1))
         bar.update(len(texts))
     bar.close()
     if rank == 0 and todo:
@@ -158,9 +287,31 @@ def main():
         missing = [(f, c) for f, c in work if not os.path.exists(os.path.join(out_dir, "done", f"{f}.{c:06d}"))]
         if missing:
             raise RuntimeError(f"{out_dir}: chunks {missing[:5]} were not finished; run again to complete")
+        meta["over_length"] = report_over_length(man, names, counts)
         M.write_json(meta_path, {**meta, "complete": True})
-        print(f"wrote {out_dir}: " + ", ".join(f"{f} {len(t)}x{meta['dim']}" for f, t in rows.items()))
+        print(f"wrote {out_dir}: " + ", ".join(f"{f} {counts[f]}x{meta['dim']}" for f in names))
     teardown_distributed()
+
+def report_over_length(man, names, counts):
+    """Sum the chunks' over-length records per field; print one line per field that has any."""
+    out = {}
+    for f in names:
+        n, longest, row = 0, 0, -1
+        for c in range((counts[f] + chunk_size - 1) // chunk_size):
+            try:
+                with open(os.path.join(out_dir, "done", f"{f}.{c:06d}")) as fh:
+                    r = json.load(fh)
+            except ValueError:  # an empty record from an older version: nothing counted
+                continue
+            n += r["over"]
+            if r["longest"] > longest:
+                longest, row = r["longest"], r["longest_row"]
+        if n:
+            line = man.image_of_row(f, row) + 1
+            out[f] = dict(captions=n, longest_tokens=longest, longest_line=line)
+            print(f"{man.path}: field {f!r}: {n} caption(s) longer than max_length={max_length} tokens (longest "
+                  f"{longest} tokens, line {line}); each keeps its first {max_length} tokens (instruction included)")
+    return out
 
 if __name__ == "__main__":
     from configurator import configure

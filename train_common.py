@@ -41,16 +41,58 @@ def cosine_lr(step, lr, min_lr, warmup_steps, max_steps):
     t = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return min_lr + 0.5 * (1 + math.cos(math.pi * min(t, 1.0))) * (lr - min_lr)
 
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+def _mix(x):
+    """splitmix64's finaliser on a uint64 array (a bijective, well-mixing 64-bit hash; wraps mod 2^64)."""
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+def permute(positions, n, key, rounds=6):
+    """A keyed bijection of [0, n) applied to `positions` (an int array): the image at each position of a
+    shuffled order, in O(len(positions)) time and memory whatever n is.
+
+    A balanced Feistel network on 2h-bit integers (2^2h >= n, the smallest such h): each round maps
+    (L, R) -> (R, L xor F_k(R)) with F_k = splitmix64(R xor k) cut to h bits, which is invertible whatever F
+    is, so the network permutes [0, 2^2h). Cycle walking makes it a permutation of [0, n): a value >= n
+    is sent through the network again until it lands below n (it must: it lies on a cycle through the
+    starting position, which is < n). 2^2h < 4n, so under 4 passes on average. Round keys come from
+    `key` (e.g. (seed, epoch)) through numpy's SeedSequence."""
+    x = np.asarray(positions, dtype=np.uint64)
+    if n < 1 or (x.size and int(x.max()) >= n):
+        raise ValueError(f"permute: positions must lie in [0, {n})")
+    h = max(1, ((n - 1).bit_length() + 1) // 2)
+    shift, mask = np.uint64(h), np.uint64((1 << h) - 1)
+    keys = np.random.SeedSequence(list(key)).generate_state(rounds, np.uint64)
+
+    def network(v):
+        left, right = v >> shift, v & mask
+        for k in keys:
+            left, right = right, left ^ (_mix(right ^ k) & mask)
+        return (left << shift) | right
+
+    y = network(x)
+    out = y >= np.uint64(n)
+    while out.any():
+        y[out] = network(y[out])
+        out = y >= np.uint64(n)
+    return y.astype(np.int64)
+
 def global_batch(seed, step, n_images, G, fixed=False):
-    """(epoch, image indices, a generator for caption choices) of one global batch of G images: a function
-    of (seed, step) only, so a resumed run and any number of ranks see the same samples. Each epoch is a
-    fresh permutation; its last n_images % G images wait for a later epoch. fixed: step 0's batch forever."""
+    """(epoch, image indices (G,) int64, a generator for caption choices) of one global batch of G images:
+    a function of (seed, step) only, so a resumed run and any number of ranks see the same samples.
+    Epoch e visits the images in the order of permute(., n_images, (seed, e)), G at a time; its last
+    n_images % G positions wait for a later epoch (they are other images in each epoch's order).
+    O(G) per step, whatever n_images is. fixed: step 0's batch forever."""
     if fixed:
         step = 0
+    if n_images < G:
+        raise ValueError(f"{n_images} images, fewer than one global batch ({G})")
     n_full = n_images - n_images % G
     epoch, offset = divmod(step * G, n_full)
-    perm = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed + epoch))
-    return epoch, perm[offset:offset + G].tolist(), np.random.default_rng([seed, step])
+    images = permute(np.arange(offset, offset + G), n_images, (seed, epoch))
+    return epoch, images, np.random.default_rng([seed, step])
 
 def save_checkpoint(path, tensors, opt, step, config):
     """tensors (name -> tensor) to weights.safetensors, the optimizer to optimizer.pt, {step, config} to
