@@ -3,6 +3,8 @@ Models for LLM2CLIP and ProCLIP, in one file, with no training code:
 
 - ViT            the CLIP image tower (HF `CLIPVisionModelWithProjection` key layout)
 - CLIPTextTower  the CLIP text tower (HF `CLIPTextModelWithProjection` key layout)
+- SiglipViT      the SigLIP / fixed-resolution SigLIP 2 image tower (HF `SiglipVisionModel` key layout);
+                 `load_image_tower(path)` picks ViT or SiglipViT by the folder's model_type
 - Llama          a LLaMA used as a text encoder: bidirectional by default, `causal=True` for the plain
                  decoder (HF `LlamaModel` key layout, with or without the `model.` prefix)
 - LoRA           explicit low-rank adapters on Llama's projections, mergeable and exportable
@@ -14,6 +16,7 @@ tokenizer is needed (`load_tokenizer`), never to build or load a model.
 
 Output conventions (what outside code can rely on):
     ViT(pixel_values)                        -> (B, proj_dim)  projected pooled embedding, not normalised
+    SiglipViT(pixel_values)                  -> (B, hidden)    attention-pooled embedding, not normalised
     CLIPTextTower(input_ids, attention_mask) -> (B, proj_dim)  projected pooled EOS embedding
     Llama(input_ids, attention_mask)         -> (B, T, D)      hidden states after the final norm
     mean_pool(hidden, mask)                  -> (B, D)         mean over the tokens where mask == 1
@@ -159,6 +162,7 @@ def load_tokenizer(path):
 ACT = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
     "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),  # SigLIP's
 }
 
 def _act(name):
@@ -244,9 +248,30 @@ def _clip_tower_state(sd, prefixes, path):
             raise KeyError(f"{path}: unexpected key {k!r}")
     return out
 
+def _read_tensor(path, name):
+    """One tensor of an HF folder, read without loading the others (None when the folder has none)."""
+    from safetensors import safe_open
+    file = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.isfile(file):
+        if not os.path.isfile(index):
+            return _read_safetensors(path).get(name)  # raises _read_safetensors' error
+        with open(index) as f:
+            shard = json.load(f)["weight_map"].get(name)
+        if shard is None:
+            return None
+        file = os.path.join(path, shard)
+    with safe_open(file, "pt") as f:
+        return f.get_tensor(name) if name in f.keys() else None
+
 def read_logit_scale(path):
-    """CLIP's learned log temperature from a CLIPModel folder (None when the folder has none)."""
-    return _read_safetensors(path).get("logit_scale")
+    """The learned log temperature of a CLIPModel or SiglipModel folder (None when the folder has none).
+    Logits are exp(logit_scale) * cos, plus logit_bias for SigLIP's sigmoid loss."""
+    return _read_tensor(path, "logit_scale")
+
+def read_logit_bias(path):
+    """SigLIP's learned logit bias from a SiglipModel folder (None when the folder has none, as CLIP's)."""
+    return _read_tensor(path, "logit_bias")
 
 # -----------------------------------------------------------------------------
 # ViT: the CLIP image tower
@@ -296,6 +321,12 @@ class ViT(nn.Module):
         self.config = cfg
         self.vision_model = VisionTransformer(cfg)
         self.visual_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+        self.preprocess = clip_preprocess(cfg.image_size)  # from_pretrained reads preprocessor_config.json
+
+    @property
+    def embed_dim(self):
+        """Width of forward's output (the joint space): projection_dim."""
+        return self.config.projection_dim
 
     def forward_features(self, pixel_values):
         """(B, 3, H, W) -> (B, 1 + patches, width): the encoder output, HF's `last_hidden_state`."""
@@ -315,7 +346,9 @@ class ViT(nn.Module):
         sd = _clip_tower_state(_read_safetensors(path), ("vision_model.", "visual_projection."), path)
         with torch.device("meta"):
             model = cls(cfg)
-        return _load_into(model, _with_dtype(sd, dtype), path)
+        model = _load_into(model, _with_dtype(sd, dtype), path)
+        model.preprocess = read_preprocess(path, model.preprocess)
+        return model
 
 # -----------------------------------------------------------------------------
 # CLIPTextTower: the CLIP text tower
@@ -397,6 +430,220 @@ class CLIPTextTower(nn.Module):
         return _load_into(model, _with_dtype(sd, dtype), path)
 
 # -----------------------------------------------------------------------------
+# SiglipViT: the SigLIP image tower (SigLIP and fixed-resolution SigLIP 2 share it)
+
+@dataclass
+class SiglipViTConfig:
+    # the defaults are HF's SiglipVisionConfig's: SigLIP 2's config.json files name only what differs
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+    vision_use_head: bool = True  # False (some VLMs' copies): no pooling head, so no image embedding
+
+class SiglipEmbeddings(nn.Module):
+    """Patches through a conv (with bias, unlike CLIP's) plus learned positions; no class token."""
+    def __init__(self, cfg):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.grid = cfg.image_size // cfg.patch_size
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
+        self.position_embedding = nn.Embedding(self.grid ** 2, cfg.hidden_size)
+
+    def pos_embed(self, gh, gw):
+        """Position embeddings for a gh x gw patch grid: bicubic interpolation of the trained grid (as HF
+        with interpolate_pos_encoding=True; without it HF refuses other resolutions)."""
+        pe = self.position_embedding.weight  # (grid^2, C)
+        if (gh, gw) == (self.grid, self.grid):
+            return pe
+        C = pe.shape[1]
+        pe = pe.reshape(1, self.grid, self.grid, C).permute(0, 3, 1, 2)  # (1, C, grid, grid)
+        pe = F.interpolate(pe, size=(gh, gw), mode="bicubic", align_corners=False)
+        return pe.permute(0, 2, 3, 1).reshape(gh * gw, C)
+
+    def forward(self, pixel_values):
+        B, _, H, W = pixel_values.shape
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {self.patch_size}")
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, C, gh, gw)
+        x = x.flatten(2).transpose(1, 2)  # (B, gh*gw, C)
+        return x + self.pos_embed(H // self.patch_size, W // self.patch_size)
+
+class PoolingAttention(nn.Module):
+    """Cross-attention from a few queries to the tokens, with nn.MultiheadAttention's parameter names
+    (HF stores the head's attention as one): q, k, v projections stacked in in_proj_weight/in_proj_bias."""
+    def __init__(self, width, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.in_proj_weight = nn.Parameter(torch.zeros(3 * width, width))  # rows: q, then k, then v
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, queries, x):
+        B, T, C = x.shape
+        wq, wk, wv = self.in_proj_weight.chunk(3)
+        bq, bk, bv = self.in_proj_bias.chunk(3)
+        q = F.linear(queries, wq, bq).view(B, -1, self.n_head, C // self.n_head).transpose(1, 2)  # (B, heads, Q, hd)
+        k = F.linear(x, wk, bk).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, heads, T, hd)
+        v = F.linear(x, wv, bv).view(B, T, self.n_head, -1).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, heads, Q, hd), scaled by hd^-0.5 as MHA
+        return self.out_proj(y.transpose(1, 2).reshape(B, -1, C))
+
+class SiglipHead(nn.Module):
+    """Attention pooling: one learned probe attends over the tokens, then a residual pre-LN MLP."""
+    def __init__(self, cfg):
+        super().__init__()
+        self.probe = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
+        self.attention = PoolingAttention(cfg.hidden_size, cfg.num_attention_heads)
+        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+
+    def forward(self, x):
+        h = self.attention(self.probe.expand(x.shape[0], -1, -1), x)  # (B, 1, C)
+        h = h + self.mlp(self.layernorm(h))
+        return h[:, 0]
+
+class SiglipVisionTransformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embeddings = SiglipEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg)  # CLIP's block exactly; SigLIP has no pre-layernorm
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.head = SiglipHead(cfg)
+
+class SiglipViT(nn.Module):
+    """SigLIP image tower (HF `SiglipVisionModel` key layout), also fixed-resolution SigLIP 2. It has no
+    projection: the attention-pooled output is the joint space, hidden_size wide. Other resolutions than
+    cfg.image_size interpolate the position embeddings."""
+
+    def __init__(self, cfg: SiglipViTConfig):
+        super().__init__()
+        self.config = cfg
+        self.vision_model = SiglipVisionTransformer(cfg)
+        self.preprocess = siglip_preprocess(cfg.image_size)  # from_pretrained reads preprocessor_config.json
+
+    @property
+    def embed_dim(self):
+        """Width of forward's output (the joint space): hidden_size."""
+        return self.config.hidden_size
+
+    def forward_features(self, pixel_values):
+        """(B, 3, H, W) -> (B, patches, width): HF's `last_hidden_state`, after post_layernorm (unlike CLIP's)."""
+        vm = self.vision_model
+        return vm.post_layernorm(vm.encoder(vm.embeddings(pixel_values)))
+
+    def forward(self, pixel_values):
+        """(B, 3, H, W) -> (B, hidden_size): HF's `pooler_output` (SiglipModel's image_embeds), not normalised."""
+        return self.vision_model.head(self.forward_features(pixel_values))
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None):
+        """An HF SigLIP folder: SiglipModel (model_type "siglip", the vision tensors only; SigLIP 2's
+        fixed-resolution checkpoints are these) or SiglipVisionModel ("siglip_vision_model")."""
+        raw = _read_config(path)
+        mt = raw.get("model_type")
+        if mt not in ("siglip", "siglip_vision_model"):
+            naflex = "; NaFlex SigLIP 2 (Siglip2VisionModel) is not supported" if str(mt).startswith("siglip2") else ""
+            raise ValueError(f"{path}/config.json: model_type {mt!r} is not a SigLIP vision model "
+                             f"(expected 'siglip' or 'siglip_vision_model'{naflex})")
+        cfg = _from_dict(SiglipViTConfig, (raw.get("vision_config") or {}) if mt == "siglip" else raw)
+        for k in ("image_size", "patch_size"):
+            if not isinstance(getattr(cfg, k), int):
+                raise ValueError(f"{path}/config.json: {k} {getattr(cfg, k)!r} is not supported (expected one int)")
+        if not cfg.vision_use_head:
+            raise ValueError(f"{path}/config.json: vision_use_head is false: "
+                             f"no attention-pooling head, so no image embedding")
+        _act(cfg.hidden_act)
+        sd = {}
+        for k, v in _read_safetensors(path).items():
+            if k.endswith("embeddings.position_ids") or (mt == "siglip" and k.startswith(("text_model.", "logit_"))):
+                continue  # the text tower, logit_scale and logit_bias of a SiglipModel
+            # transformers 5 saves a SiglipVisionModel without the `vision_model.` prefix, 4.x with it
+            sd[k if mt == "siglip" or k.startswith("vision_model.") else "vision_model." + k] = v
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = _load_into(model, _with_dtype(sd, dtype), path)
+        model.preprocess = read_preprocess(path, model.preprocess)
+        return model
+
+# -----------------------------------------------------------------------------
+# image preprocessing per tower, and one loader for any image tower
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # dataset.py's numbers (OpenAI's)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PIL_RESAMPLE = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")  # PIL's (and HF's) numbering
+
+@dataclass
+class ImagePreprocess:
+    """The pixels a tower expects: resize with `resample`, scale to [0, 1], then (x - mean) / std per channel.
+    resize "shortest_side_crop": shortest side to `size`, then the centre crop_size x crop_size (CLIP);
+    resize "square": the whole image to size x size, aspect ratio not kept, nothing cropped (SigLIP)."""
+    resize: str
+    size: int
+    crop_size: int  # the side of the square the tower gets (== size for "square")
+    resample: str   # a PIL filter name: Image.Resampling[resample.upper()]
+    image_mean: tuple
+    image_std: tuple
+
+def clip_preprocess(size):
+    """HF CLIPImageProcessor's defaults, at the tower's own resolution."""
+    return ImagePreprocess("shortest_side_crop", size, size, "bicubic", CLIP_MEAN, CLIP_STD)
+
+def siglip_preprocess(size):
+    """HF SiglipImageProcessor's defaults (SigLIP 2's folders override resample with bilinear)."""
+    return ImagePreprocess("square", size, size, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+def _square_side(v, what, file):
+    """An HF image-processor size: an int, {"height": n, "width": n} or {"shortest_edge": n} -> n."""
+    if isinstance(v, dict):
+        v = v.get("shortest_edge", v.get("height") if v.get("height") == v.get("width") else None)
+    if not isinstance(v, int):
+        raise ValueError(f"{file}: {what} is not supported (expected a shortest edge or a square size)")
+    return v
+
+def read_preprocess(path, default):
+    """`default` as the folder's preprocessor_config.json (HF image-processor format) says, if it has one.
+    Rescaling is always by 1/255."""
+    file = os.path.join(path, "preprocessor_config.json")
+    if not os.path.isfile(file):
+        return default
+    with open(file) as f:
+        raw = json.load(f)
+    size = raw.get("size", default.size)
+    resize = default.resize  # a plain int size (old CLIP files) keeps the tower's own rule
+    if isinstance(size, dict):
+        resize = "shortest_side_crop" if "shortest_edge" in size else "square"
+    size = _square_side(size, f"size {size!r}", file)
+    crop = size
+    if resize == "shortest_side_crop":
+        if raw.get("do_center_crop") is False:
+            raise ValueError(f"{file}: do_center_crop false (images of any shape) is not supported")
+        crop = _square_side(raw.get("crop_size", size), f"crop_size {raw.get('crop_size')!r}", file)
+    resample = PIL_RESAMPLE[raw.get("resample", PIL_RESAMPLE.index(default.resample))]
+    norm = raw.get("do_normalize", True)
+    mean = tuple(raw.get("image_mean", default.image_mean)) if norm else (0.0, 0.0, 0.0)
+    std = tuple(raw.get("image_std", default.image_std)) if norm else (1.0, 1.0, 1.0)
+    return ImagePreprocess(resize, size, crop, resample, mean, std)
+
+IMAGE_TOWERS = {"clip": ViT, "clip_vision_model": ViT, "siglip": SiglipViT, "siglip_vision_model": SiglipViT}
+
+def load_image_tower(path, dtype=None):
+    """The image tower of an HF folder, chosen by config.json's model_type: CLIP (CLIPModel,
+    CLIPVisionModelWithProjection) -> ViT, forward = image_embeds; SigLIP (SiglipModel incl. fixed-resolution
+    SigLIP 2, SiglipVisionModel) -> SiglipViT, forward = pooler_output. Both have .embed_dim (forward's
+    width), .preprocess (an ImagePreprocess) and .config.{image_size, patch_size, hidden_size, num_hidden_layers}."""
+    mt = _read_config(path).get("model_type")
+    if mt not in IMAGE_TOWERS:
+        raise ValueError(f"{path}/config.json: model_type {mt!r} is not a supported image tower (supported: "
+                         f"{', '.join(IMAGE_TOWERS)}; NaFlex SigLIP 2, model_type siglip2, is not)")
+    return IMAGE_TOWERS[mt].from_pretrained(path, dtype=dtype)
+
+# -----------------------------------------------------------------------------
 # masks and positions, shared by the CLIP text tower and Llama
 
 def _positions(attention_mask):
@@ -464,19 +711,23 @@ class LoRALinear(nn.Linear):
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-def add_lora(model, r=16, alpha=32, dropout=0.05, targets=LORA_TARGETS):
+def add_lora(model, r=16, alpha=32, dropout=0.05, targets=LORA_TARGETS, top_layers=0):
     """Put adapters on every LoRALinear whose name ends with one of `targets`; freeze everything else.
-    Defaults are the paper's (rank 16, alpha 32, dropout 0.05 on all seven projections)."""
+    Defaults are the paper's (rank 16, alpha 32, dropout 0.05 on all seven projections of every layer).
+    top_layers > 0: only the last `top_layers` layers get adapters, so the backward pass stops there (a
+    cheaper fine-tune: the CPU demo's choice, not the paper's)."""
+    first = len(model.layers) - top_layers if top_layers else 0
     hits = 0
     for name, m in model.named_modules():
-        if isinstance(m, LoRALinear) and name.rsplit(".", 1)[-1] in targets:
+        parts = name.split(".")
+        if isinstance(m, LoRALinear) and parts[-1] in targets and int(parts[parts.index("layers") + 1]) >= first:
             m.add_lora(r, alpha, dropout)
             hits += 1
     if not hits:
         raise ValueError(f"no LoRA target found among {targets}")
     for n, p in model.named_parameters():
         p.requires_grad = "lora_" in n
-    model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, targets=list(targets))
+    model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, targets=list(targets), top_layers=top_layers)
     return model
 
 def merge_lora(model):
@@ -504,7 +755,7 @@ def load_lora(model, path):
             raise ValueError(f"{path}: no lora_config in the metadata (not written by save_lora)")
         sd = {k: f.get_tensor(k) for k in f.keys()}
     lc = json.loads(meta["lora_config"])
-    add_lora(model, lc["r"], lc["alpha"], lc["dropout"], tuple(lc["targets"]))
+    add_lora(model, lc["r"], lc["alpha"], lc["dropout"], tuple(lc["targets"]), lc.get("top_layers", 0))
     own = {k for k in model.state_dict() if "lora_" in k}
     if own != set(sd):
         extra, miss = sorted(set(sd) - own), sorted(own - set(sd))
@@ -756,6 +1007,7 @@ class Llama(nn.Module):
         raw["architectures"] = ["LlamaModel" if untied_without_head else "LlamaForCausalLM"]
         raw["dtype"] = str(self.embed_tokens.weight.dtype).removeprefix("torch.")
         raw.pop("torch_dtype", None)
+        raw.pop("auto_map", None)  # e.g. LLM2CLIP's release points at remote code this folder does not carry
         src = tokenizer_from or getattr(self, "source_path", None)
 
         def write(tmp):
@@ -809,20 +1061,63 @@ def skip_instruction(attention_mask, n_instruction):
     rank = attention_mask.long().cumsum(-1)  # 1 for the first real token, 2 for the next, ...
     return (real & (rank > n)).to(attention_mask.dtype)
 
-def tokenize_for_embedding(tokenizer, texts, instruction="", max_length=512):
-    """Texts -> (token id lists, prefix lengths): [BOS if the tokenizer uses one] + instruction + caption,
-    the caption truncated to fit max_length. With an instruction, the prefix (BOS + instruction) is what
-    `skip_instruction` leaves out of the pooling; without one, every token is pooled (prefix 0)."""
+# Caption templates: how a chat model sees a caption. LLM2CLIP's code (through LLM2Vec) wraps every caption
+# of a Llama-3-Instruct model in a user turn written out by hand (not apply_chat_template), in stage 1, in
+# the embedding cache and in evaluation alike; the tokenizer adds <|begin_of_text|> in front.
+LLAMA3_TEMPLATE = "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"  # the official string
+CHATML_TEMPLATE = "<|im_start|>user\n{}<|im_end|>"  # LLM2Vec's wrap for Qwen2; SmolLM2-Instruct's chat format
+
+def caption_template(tokenizer, setting="auto"):
+    """The caption template that `setting` means for this tokenizer: a format string with one "{}", or ""
+    for none. "auto": LLAMA3_TEMPLATE when the vocabulary has <|start_header_id|>, <|end_header_id|> and
+    <|eot_id|>; else CHATML_TEMPLATE when it has <|im_start|> and <|im_end|>; else "" (no chat format).
+    "none" or "": no wrap. Anything else is a template, used as given (it must hold "{}" exactly once)."""
+    if setting in ("", "none"):
+        return ""
+    if setting == "auto":
+        vocab = tokenizer.get_vocab()  # added (special) tokens included
+        if all(t in vocab for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")):
+            return LLAMA3_TEMPLATE
+        if all(t in vocab for t in ("<|im_start|>", "<|im_end|>")):
+            return CHATML_TEMPLATE
+        return ""
+    if setting.count("{}") != 1:
+        raise ValueError(f"caption template {setting!r}: expected 'auto', 'none', or a format string with "
+                         f"one '{{}}' where the caption goes")
+    return setting
+
+def tokenize_for_embedding(tokenizer, texts, instruction="", max_length=512, template=""):
+    """Texts -> (token id lists, prefix lengths). A row is
+        [BOS if the tokenizer adds one] + head + instruction + caption + tail
+    where template = head + "{}" + tail (a setting of caption_template: "auto" is resolved here; "" = no
+    wrap, the default until the scripts record the setting). The prefix (BOS, head, instruction) is
+    attended to but left out of the pooling by `skip_instruction`; the caption's tokens and the tail are
+    pooled (LLM2CLIP pools Llama 3's <|eot_id|>), so queries (with an instruction) and keys (without) pool
+    the same kind of tokens, never BOS, the chat header or the instruction (LLM2Vec's rule). Over
+    max_length the caption loses its last tokens and the tail is kept (the official code cuts the whole
+    string, tail included: a difference only for captions over max_length). Inside a template the caption
+    is stripped of surrounding whitespace, as the official wrap does. The pieces are tokenized apart; for
+    the two chat templates that gives the ids of the whole string (they meet at special tokens and
+    newlines, where Llama 3's and SmolLM2's pre-tokenizers split anyway)."""
+    template = caption_template(tokenizer, template)
+    head, tail = template.split("{}") if template else ("", "")
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
     probe = tokenizer("a")["input_ids"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id else []
-    instr = tokenizer(instruction, add_special_tokens=False)["input_ids"] if instruction else []
-    room = max_length - len(bos) - len(instr)
+    head_ids, tail_ids, instr = enc(head), enc(tail), enc(instruction)
+    if bos and head_ids[:1] == bos:
+        raise ValueError(f"caption template {template!r} starts with the BOS token, which the tokenizer adds itself: "
+                         f"leave it out of the template")
+    prefix = bos + head_ids + instr
+    room = max_length - len(prefix) - len(tail_ids)
     if room < 1:
-        raise ValueError(f"max_length {max_length} leaves no room for the caption after the instruction")
+        raise ValueError(f"max_length {max_length} leaves no room for the caption after the template and the instruction")
+    if template:
+        texts = [t.strip() for t in texts]
     # with an instruction the caption follows it after a space, as in the text "instruction caption"
     captions = tokenizer([" " + t if instruction else t for t in texts], add_special_tokens=False)["input_ids"]
-    ids = [bos + instr + c[:room] for c in captions]
-    return ids, [len(bos) + len(instr) if instruction else 0] * len(ids)
+    ids = [prefix + c[:room] + tail_ids for c in captions]
+    return ids, [len(prefix)] * len(ids)
 
 def pad_batch(ids, pad_id=0, device=None):
     """Token id lists -> (input_ids, attention_mask), right-padded to the longest."""
@@ -835,16 +1130,18 @@ def pad_batch(ids, pad_id=0, device=None):
     return input_ids.to(device), mask.to(device)
 
 @torch.no_grad()
-def embed_texts(llm, tokenizer, texts, instruction="", max_length=512, batch_size=64):
-    """Mean-pooled, L2-normalised fp32 embeddings (N, D) of texts, in their order. Batches are formed
+def embed_texts(llm, tokenizer, texts, instruction="", max_length=512, batch_size=64, template=""):
+    """Mean-pooled, L2-normalised fp32 embeddings (N, D) of texts, in their order, each caption wrapped in
+    `template` (see tokenize_for_embedding and caption_template). Batches are formed
     from length-sorted texts (little padding); the result does not depend on the order of `texts`'s rows
     beyond that batching. Identical texts are embedded once (the demo's short captions repeat ~45x)."""
+    template = caption_template(tokenizer, template)  # resolved once, not per batch
     uniq = list(dict.fromkeys(texts))
     if len(uniq) < len(texts):
         where = {t: i for i, t in enumerate(uniq)}
-        out = embed_texts(llm, tokenizer, uniq, instruction, max_length, batch_size)
+        out = embed_texts(llm, tokenizer, uniq, instruction, max_length, batch_size, template)
         return out[torch.tensor([where[t] for t in texts], device=out.device)]
-    ids, n_prefix = tokenize_for_embedding(tokenizer, texts, instruction, max_length)
+    ids, n_prefix = tokenize_for_embedding(tokenizer, texts, instruction, max_length, template)
     order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
     dev = llm.embed_tokens.weight.device
     out = torch.empty(len(ids), llm.config.hidden_size, dtype=torch.float32, device=dev)
