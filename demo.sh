@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job: the whole pipeline on the embedded default data (DESIGN.md section 9), on whatever device
 # there is (a GPU if torch sees one). Usage: ./demo.sh [seed] (default 1337; out/demo, or out/demo_seed<N>).
-#   data + SmolLM2 -> base CLIP from scratch -> LLM2CLIP stage 1 -> embedding caches (raw and stage-1 LLM)
-#   -> ProCLIP stage 1 -> stage 2 three ways (LLM2CLIP without stage 1, LLM2CLIP, ProCLIP) -> evaluation
+#   data + SmolLM2 -> base CLIP pretrained from scratch -> LLM2CLIP stage 1 (SmolLM2 -> caption embedder)
+#   -> embedding caches (raw and stage-1 LLM) -> ProCLIP stage 1 (on the stage-1 LLM, as the paper does)
+#   -> stage 2 three ways (LLM2CLIP without stage 1, LLM2CLIP, ProCLIP) -> evaluation
 # Prints one table and writes $out/results.json. Every step skips work already done (checkpoints, complete
 # caches, finished models), so a killed demo resumes where it stopped; delete $out to start over.
 set -euo pipefail
@@ -11,50 +12,58 @@ seed=${1:-1337}
 out=${OUT:-out/demo$([ "$seed" = 1337 ] || echo "_seed$seed")}
 mkdir -p "$out/eval"
 SECONDS=0
-# the LLM's inference dtype: bf16 on GPUs and on CPUs with bf16 instructions (3.5x faster there), else fp32
+# the LLM's inference dtype: bf16 on GPUs and on CPUs with bf16 instructions (2x faster there), else fp32
 llm_dtype=$(python -c "import torch; print('bfloat16' if torch.cuda.is_available() or getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)() else 'float32')")
+data=data/fashion/out
+s1="$out/stage1_llm2clip/merged"
 
 python data/smollm2/prepare.py  # first: the data build reads its tokenizer for caption-length statistics
 python data/fashion/prepare.py
 train2() { [ -d "$2/model" ] || python train_stage2.py "$1" --out_dir="$2" --seed="$seed" "${@:3}"; }
+cache() { python embed_cache.py --model="$1" --manifest="$data/$2.jsonl" --fields="$3" --out_dir="$4" --dtype="$llm_dtype"; }
 
-# 1. the base CLIP ("pretrained CLIP"): a small ViT + a CLIP text tower with a 16-token context, short captions
+# 1. the base CLIP ("pretrained CLIP"): a small ViT + a CLIP text tower with a 10-token context, pretrained on
+#    grids whose short captions name one item each and on single items ("its ImageNet")
 train2 config/stage2_clip_demo.py "$out/base_clip"
-# 2. LLM2CLIP stage 1: SmolLM2 fine-tuned (LoRA) to tell captions of different images apart
-[ -d "$out/stage1_llm2clip/merged" ] || python train_stage1.py config/stage1_llm2clip_demo.py --out_dir="$out/stage1_llm2clip" --seed="$seed"
-# 3. embedding caches: the raw and the stage-1 LLM over the training captions and every test caption
-for name in raw llm2clip; do
-    llm=$([ $name = raw ] && echo data/smollm2/hf || echo "$out/stage1_llm2clip/merged")
-    python embed_cache.py --model="$llm" --manifest=data/fashion/out/train.jsonl --fields=short,long --out_dir="$out/cache/${name}_train" --dtype="$llm_dtype"
-    python embed_cache.py --model="$llm" --manifest=data/fashion/out/test.jsonl --out_dir="$out/cache/${name}_test" --dtype="$llm_dtype"
-done
-# 4. ProCLIP stage 1: an adaptor on raw SmolLM2 embeddings distilled from the base CLIP's text tower
-[ -f "$out/stage1_proclip/adaptor.json" ] || python train_stage1.py config/stage1_proclip_demo.py --clip="$out/base_clip/model" --cache="$out/cache/raw_train" --out_dir="$out/stage1_proclip" --seed="$seed"
-# 5. stage 2, three ways, from the base CLIP's ViT
+# 2. LLM2CLIP stage 1: SmolLM2 fine-tuned (LoRA) on caption pairs of one image: short-long and English-German
+[ -d "$s1" ] || python train_stage1.py config/stage1_llm2clip_demo.py --out_dir="$out/stage1_llm2clip" --seed="$seed" --dtype="$llm_dtype"
+# 3. embedding caches: the raw and the stage-1 LLM over the training captions (English) and every test caption
+cache data/smollm2/hf train short,long "$out/cache/raw_train"
+cache data/smollm2/hf test short,long,de,fr "$out/cache/raw_test"
+cache "$s1" train short,long "$out/cache/llm2clip_train"
+cache "$s1" test short,long,de,fr "$out/cache/llm2clip_test"
+# 4. ProCLIP stage 1: an adaptor on the stage-1 LLM's embeddings distilled from the base CLIP's text tower,
+#    on short captions only (the ones its 10-token context reads whole)
+[ -f "$out/stage1_proclip/adaptor.json" ] || python train_stage1.py config/stage1_proclip_demo.py --model="$s1" --clip="$out/base_clip/model" --cache="$out/cache/llm2clip_train" --out_dir="$out/stage1_proclip" --seed="$seed"
+# 5. stage 2, three ways, from the base CLIP's ViT, on English captions only
 train2 config/stage2_llm2clip_demo.py "$out/llm2clip_no_stage1" --clip="$out/base_clip/model" --llm=data/smollm2/hf --cache="$out/cache/raw_train"
-train2 config/stage2_llm2clip_demo.py "$out/llm2clip" --clip="$out/base_clip/model" --llm="$out/stage1_llm2clip/merged" --cache="$out/cache/llm2clip_train"
-train2 config/stage2_proclip_demo.py "$out/proclip" --clip="$out/base_clip/model" --cache="$out/cache/raw_train" --stage1="$out/stage1_proclip"
-# 6. evaluation on the test split: the base CLIP through its own text tower, the others through cached LLM embeddings
-python evaluate.py --model="$out/base_clip/model" --name=base_clip --out="$out/eval/base_clip.json" --dtype="$llm_dtype"
-python evaluate.py --model="$out/llm2clip_no_stage1/model" --cache="$out/cache/raw_test" --name=llm2clip_no_stage1 --out="$out/eval/llm2clip_no_stage1.json" --dtype="$llm_dtype"
-python evaluate.py --model="$out/llm2clip/model" --cache="$out/cache/llm2clip_test" --name=llm2clip --out="$out/eval/llm2clip.json" --dtype="$llm_dtype"
-python evaluate.py --model="$out/proclip/model" --cache="$out/cache/raw_test" --name=proclip --out="$out/eval/proclip.json" --dtype="$llm_dtype"
+train2 config/stage2_llm2clip_demo.py "$out/llm2clip" --clip="$out/base_clip/model" --llm="$s1" --cache="$out/cache/llm2clip_train"
+train2 config/stage2_proclip_demo.py "$out/proclip" --clip="$out/base_clip/model" --llm="$s1" --cache="$out/cache/llm2clip_train" --stage1="$out/stage1_proclip"
+# 6. evaluation: retrieval on the test grids (German: taught by stage 1; French: never trained on), zero-shot
+#    on the single test items, the base CLIP through its own text tower, the others through cached LLM embeddings
+ev() { python evaluate.py --model="$out/$1/model" --name="$1" --out="$out/eval/$1.json" --dtype="$llm_dtype" "${@:2}"; }
+ev base_clip
+ev llm2clip_no_stage1 --cache="$out/cache/raw_test"
+ev llm2clip --cache="$out/cache/llm2clip_test"
+ev proclip --cache="$out/cache/llm2clip_test"
 
 python - "$out" "$SECONDS" "$seed" <<'PY'
 import json, os, sys
 import torch
 out, seconds, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 keys = ["c2c_top1", "short_i2t_r1", "short_t2i_r1", "long_i2t_r1", "long_t2i_r1", "multilingual_i2t_r1",
-        "multilingual_t2i_r1", "zeroshot_top1"]
+        "multilingual_t2i_r1", "multilingual_unseen_i2t_r1", "multilingual_unseen_t2i_r1", "zeroshot_top1"]
+heads = ["c2c", "short i2t", "short t2i", "long i2t", "long t2i", "de i2t", "de t2i", "fr i2t", "fr t2i", "zero-shot"]
 rows = {}
 for name in ("base_clip", "llm2clip_no_stage1", "llm2clip", "proclip"):
     res = json.load(open(f"{out}/eval/{name}.json"))["results"]
     rows[name] = {k: res[k] for k in keys if k in res}
 device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
-print(f"\nFashion demo, test split (percent), seed {seed}, {device}")
-print(f"{'':<20}" + "".join(f"{k.replace('_r1', '').replace('multilingual', 'multi'):>14}" for k in keys))
+print(f"\nFashion demo (percent; retrieval R@1 on 500 test grids, de = multilingual, fr = unseen language;"
+      f" zero-shot top-1 on 1000 single items), seed {seed}, {device}")
+print(f"{'':<20}" + "".join(f"{h:>11}" for h in heads))
 for name, r in rows.items():
-    print(f"{name:<20}" + "".join(f"{r[k]:14.1f}" if k in r else f"{'-':>14}" for k in keys))
+    print(f"{name:<20}" + "".join(f"{r[k]:11.1f}" if k in r else f"{'-':>11}" for k in keys))
 json.dump({"rows": rows, "seconds": seconds, "device": device, "seed": seed}, open(f"{out}/results.json", "w"), indent=2)
 print(f"{seconds}s; wrote {out}/results.json")
 PY

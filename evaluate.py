@@ -53,8 +53,10 @@ from embed_cache import model_fingerprint, open_cache
 model = ""                       # stage-2 folder, HF CLIP folder, or HF Llama folder (c2c only, the stage-1 check)
 manifest = "data/fashion/out/test.jsonl"
 retrieval = "short,long"         # caption fields for image-text retrieval
-multilingual = "de,fr"           # caption fields in other languages ("" to skip); their mean is multilingual_*
+multilingual = "de"              # caption fields in languages stage 1 taught ("" to skip); their mean is multilingual_*
+multilingual_unseen = "fr"       # languages no stage trained on ("" to skip); their mean is multilingual_unseen_*
 classes = "data/fashion/out/classes.json"  # zero-shot: {"classes": [...], "templates": ["a photo of {}.", ...]}; "" to skip
+zeroshot_manifest = "data/fashion/out/zeroshot.jsonl"  # zero-shot on these labelled images ("" = `manifest`'s)
 c2c_field = "long"               # caption-to-caption retrieval within this field ("" to skip)
 cache = ""                       # stage 2: embed_cache.py output over `manifest` by the model's LLM; "" = run the LLM
 llm = ""                         # stage 2: the LLM folder, if not where text.json says (fingerprint checked)
@@ -269,9 +271,9 @@ class StageTwoText:
         return e, self.joint(e)
 
 @torch.no_grad()
-def image_embeddings(vit, records, device):
-    """(N_img, D) L2-normalised, in manifest order."""
-    ds = ImageDataset(manifest, size=vit.config.image_size, train=False, records=records)
+def image_embeddings(vit, path, records, device):
+    """(N_img, D) L2-normalised, in the order of the manifest at `path`."""
+    ds = ImageDataset(path, size=vit.config.image_size, train=False, records=records)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=0)
     out = []
     for pixels, _, _ in tqdm(loader, desc="images", leave=False):
@@ -284,40 +286,44 @@ def image_embeddings(vit, records, device):
 
 def evaluate_towers(kind, device):
     """Retrieval, zero-shot and c2c of a stage-2 model or a CLIP: (results, counts)."""
-    fields, langs = split(retrieval), split(multilingual)
+    fields, langs, unseen = split(retrieval), split(multilingual), split(multilingual_unseen)
     zs = read_classes(classes) if classes else None  # bad input fails before any model is loaded
-    need = list(dict.fromkeys(fields + langs + split(c2c_field)))
-    records = check_manifest(manifest, fields=need, decode=False, label=zs is not None)
+    need = list(dict.fromkeys(fields + langs + unseen + split(c2c_field)))
+    zs_manifest = zeroshot_manifest or manifest
+    records = check_manifest(manifest, fields=need, decode=False, label=zs is not None and zs_manifest == manifest)
     if zs:
-        bad = [n for n, r in enumerate(records, 1) if not 0 <= r["label"] < len(zs[0])]
+        zs_records = records if zs_manifest == manifest else check_manifest(zs_manifest, decode=False, label=True)
+        bad = [n for n, r in enumerate(zs_records, 1) if not 0 <= r["label"] < len(zs[0])]
         if bad:
-            raise ValueError(f"{manifest}:{bad[0]}: label {records[bad[0] - 1]['label']} is not a class of {classes} "
+            raise ValueError(f"{zs_manifest}:{bad[0]}: label {zs_records[bad[0] - 1]['label']} is not a class of {classes} "
                              f"(0..{len(zs[0]) - 1}; {len(bad)} such lines)")
     text = (StageTwoText if kind == "stage2" else CLIPText)(model, records, device)
     if kind == "stage2" and cache:
         for f in need:  # every cache check before the slow part
             text.open_field(f)
     vit = M.ViT.from_pretrained(model).to(device).eval()
-    img = image_embeddings(vit, records, device)
+    img = image_embeddings(vit, manifest, records, device)
     memo = {}
     def field(f):  # (LLM embeddings or None, joint embeddings) of a field, computed once
         if f not in memo:
             memo[f] = text.field(f)
         return memo[f]
     results, counts = {}, {"images": len(records)}
-    for f in fields + langs:
+    for f in fields + langs + unseen:
         texts, image = caption_rows(records, f)
         rows, owners = distinct_captions(texts, image)
         _, joint = field(f)
         for k, v in retrieval_recall(img, joint[torch.as_tensor(rows, device=joint.device)], owners).items():
             results[f"{f}_{k}"] = v
         counts[f] = {"captions": len(texts), "distinct": len(rows)}
-    if langs:
-        for d in ("i2t", "t2i"):
-            results[f"multilingual_{d}_r1"] = sum(results[f"{f}_{d}_r1"] for f in langs) / len(langs)
+    for key, group in (("multilingual", langs), ("multilingual_unseen", unseen)):
+        for d in ("i2t", "t2i") if group else ():
+            results[f"{key}_{d}_r1"] = sum(results[f"{f}_{d}_r1"] for f in group) / len(group)
     if zs:
         class_emb = zeroshot_classifier(text, *zs)
-        results.update(zeroshot_accuracy(img, class_emb, [r["label"] for r in records]))
+        zs_img = img if zs_manifest == manifest else image_embeddings(vit, zs_manifest, zs_records, device)
+        results.update(zeroshot_accuracy(zs_img, class_emb, [r["label"] for r in zs_records]))
+        counts["zeroshot_images"] = len(zs_records)
     if c2c_field:
         e, joint = field(c2c_field)
         image = caption_rows(records, c2c_field)[1]

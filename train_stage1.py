@@ -2,14 +2,19 @@
 Stage 1: make the LLM's caption embeddings something CLIP can align to.
 
 --method=llm2clip  caption-contrastive fine-tune of the LLM (supervised SimCSE, LLM2CLIP section 3):
-    pairs of captions of the same image (one from `query_field`, one from `key_field`; a coin flip says
-    which is the query), the instruction on queries only, bidirectional attention, mean pooling,
+    pairs of captions of the same image (each image draws one of the field pairs in `pairs`, then one
+    caption of each field; a coin flip says which is the query), the instruction on queries only,
+    bidirectional attention, mean pooling over the caption's tokens (never BOS or the instruction),
     L = CE(50 * cos(q_i, p_j), j = i) with the positives of every rank as negatives, gathered with
     gradient. LoRA on the LLM. Out: out_dir/lora.safetensors and out_dir/merged/ (HF folder, LoRA merged).
 --method=proclip   distil CLIP's text tower into adaptor(LLM embedding) (ProCLIP stage 1): the LLM is
     frozen and read from its embedding cache (embed_cache.py); only the adaptor trains, on
     L = sum_i ||s_i - c_i||^2 (two captions per image) + sum_{i<j} SmoothL1(||s_i - s_j|| - ||c_i - c_j||)
-    (one caption per image) with c = the frozen CLIP text tower. Out: out_dir/adaptor.safetensors + .json.
+    (one caption per image) with c = the frozen CLIP text tower. Only captions the teacher reads whole are
+    distilled: one that CLIP's context would cut (a long caption, for real CLIP's 77 tokens) would teach
+    the adaptor to map a whole caption onto CLIP's embedding of its first tokens, throwing away exactly
+    what the LLM adds; such captions are left out of both terms and counted in the log (the official code
+    pairs the short caption with a second caption of the same kind). Out: out_dir/adaptor.safetensors + .json.
 
     python train_stage1.py config/stage1_llm2clip_demo.py
     torchrun --standalone --nproc_per_node=8 train_stage1.py config/stage1_llm2clip_demo.py --batch_size=256
@@ -34,7 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import model as M
-from dataset import caption_rows, read_manifest, rows_by_image
+from dataset import Manifest
 from kernels import all_gather_with_grad, structure_loss
 from train_common import (StepLog, cosine_lr, global_batch, load_checkpoint, save_checkpoint, setup_distributed,
                           teardown_distributed)
@@ -42,20 +47,22 @@ from train_common import (StepLog, cosine_lr, global_batch, load_checkpoint, sav
 # -----------------------------------------------------------------------------
 method = "llm2clip"              # llm2clip | proclip
 manifest = "data/fashion/out/train.jsonl"
+index_dir = ""                   # where the manifest's index goes; "" = beside it (<manifest>.index/)
 model = "data/smollm2/hf"        # the LLM (HF Llama folder)
 out_dir = "out/stage1_llm2clip"
-query_field = "short"            # llm2clip: the pair's two caption fields (a coin flip picks the query)
-key_field = "long"
+pairs = "short:long"             # llm2clip: field pairs, comma-separated; each image draws one pair per step,
+                                 # then one caption of each field (a coin flip picks the query), e.g. "short:long,long:de"
 instruction = "Given a caption, retrieve a similar relevant caption."  # on queries only (the paper's)
 max_length = 512                 # tokens per caption, instruction included
 simcse_scale = 50.0              # 1 / temperature 0.02
 lora_r = 16                      # the paper's LoRA: rank 16, alpha 32, dropout 0.05, all 7 projections
 lora_alpha = 32
 lora_dropout = 0.05
+lora_top_layers = 0              # > 0: adapters on the last this-many layers only (backward stops there); 0 = all (the paper)
 grad_checkpointing = False
 cache = "out/cache/raw_train"    # proclip: embed_cache.py output of the raw LLM over `manifest`
 clip = ""                        # proclip: HF CLIP folder whose text tower is the teacher
-ins_fields = "short,long"        # proclip: L_ins on one caption of each; L_struct on the first
+ins_fields = "short,short"       # proclip: L_ins on one caption of each (a field may repeat); L_struct on the first
 struct_beta = 1.0
 adaptor_out = 0                  # proclip: joint width; 0 = the CLIP text tower's projection width
 batch_size = 32                  # per rank
@@ -78,8 +85,11 @@ MUST_MATCH = ("batch_size", "seed", "max_steps", "method")  # a checkpoint resum
 def lr_at(step):
     return cosine_lr(step, lr, min_lr, warmup_steps, max_steps)
 
-def pick(records, images, field, rng):
-    return [rng.choice(records[i]["captions"][field]) for i in images]
+def field_pairs():
+    out = [tuple(p.split(":")) for p in pairs.split(",") if p]
+    if not out or any(len(p) != 2 or not all(p) for p in out):
+        raise ValueError(f"pairs={pairs!r}: expected field pairs like 'short:long,long:de'")
+    return out
 
 # -----------------------------------------------------------------------------
 # losses
@@ -95,8 +105,10 @@ def simcse_loss(q, p, scale):
 def llm2clip_step(llm, tok, records, images, rng, part, device):
     # choices are drawn for the whole global batch, then this rank takes its part: the same samples
     # whatever the number of ranks
-    a = pick(records, images, query_field, rng)
-    b = pick(records, images, key_field, rng)
+    fp = field_pairs()
+    which = rng.integers(0, len(fp), len(images)) if len(fp) > 1 else np.zeros(len(images), int)  # each image's pair
+    a = [rng.choice(records[i]["captions"][fp[w][0]]) for i, w in zip(images, which)]
+    b = [rng.choice(records[i]["captions"][fp[w][1]]) for i, w in zip(images, which)]
     flip = rng.random(len(images)) < 0.5
     queries = [y if f else x for x, y, f in zip(a, b, flip)][part]
     keys = [x if f else y for x, y, f in zip(a, b, flip)][part]
@@ -109,22 +121,34 @@ def llm2clip_step(llm, tok, records, images, rng, part, device):
     q, p = emb.split(len(queries))
     return simcse_loss(q, p, simcse_scale)
 
+def teacher_reads_whole(clip_tok, teacher, texts):
+    """Which texts fit the teacher's context untruncated (special tokens included)."""
+    lengths = [len(ids) for ids in clip_tok(list(texts))["input_ids"]]
+    return [n <= teacher.context_length for n in lengths]
+
 def proclip_step(adaptor, teacher, clip_tok, caches, records, images, rng, part, device):
-    loss_ins = 0.0
-    students = []
-    for field in ins_fields.split(","):
+    """(L_ins + L_struct of this rank's images, how many drawn captions the teacher would cut)."""
+    loss_ins, students, n_cut = 0.0, [], 0
+    for k, field in enumerate(ins_fields.split(",")):
         rows_of = caches[field][1]  # image -> its caption rows in the cache
         rows = [int(rng.choice(rows_of[i])) for i in images][part]  # drawn for the global batch (as above)
-        texts = [caches[field][2][r] for r in rows]
-        e = torch.from_numpy(caches[field][0][rows].astype(np.float32)).to(device)  # (B, D) from the memmap
-        ids, am = teacher.tokenize(clip_tok, texts)
+        whole = teacher_reads_whole(clip_tok, teacher, [caches[field][2][r] for r in rows])
+        n_cut += len(rows) - sum(whole)
+        rows = [r for r, w in zip(rows, whole) if w]  # distil only what the teacher reads whole
+        if not rows:
+            if k == 0:
+                raise ValueError(f"ins_fields: every caption of field {field!r} drawn at this step is longer than the "
+                                 f"teacher's {teacher.context_length}-token context; distil from a field it reads whole")
+            continue
+        e = torch.from_numpy(caches[field][0][rows].astype(np.float32)).to(device)  # (B', D) from the memmap
+        ids, am = teacher.tokenize(clip_tok, [caches[field][2][r] for r in rows])
         with torch.no_grad(), torch.autocast(e.device.type, enabled=False):  # fp32 targets
             c = F.normalize(teacher(ids.to(device), am.to(device)).float(), dim=-1)
         s = F.normalize(adaptor(e).float(), dim=-1)
         loss_ins = loss_ins + (s - c).pow(2).sum()
         students.append((s, c))
     s, c = students[0]
-    return loss_ins + structure_loss(s, c, beta=struct_beta)
+    return loss_ins + structure_loss(s, c, beta=struct_beta), n_cut
 
 # -----------------------------------------------------------------------------
 
@@ -139,29 +163,30 @@ def main(config):
         else torch.autocast("cpu", enabled=False)
 
     torch.manual_seed(seed)  # LoRA A and the adaptor start the same on every rank and every run
-    records = read_manifest(manifest)
+    # the manifest through its index (built and checked once, on first use): records[i] is read on demand
+    records = Manifest(manifest, index_dir or None).require(images="ignore")  # (stage 1 reads no images)
     G = batch_size * world
     part = slice(rank * batch_size, (rank + 1) * batch_size)  # this rank's share of each global batch
     if len(records) < G:
         raise ValueError(f"{manifest}: {len(records)} images, fewer than one global batch ({G})")
 
     if method == "llm2clip":
-        for f in (query_field, key_field):
-            caption_rows(records, f)  # every image must have captions in both fields: fail now, not mid-run
+        for f in {f for pair in field_pairs() for f in pair}:
+            records.require(fields=[f], images="ignore")  # every image must have captions in every field: fail now
         # the frozen base in the compute dtype; the LoRA tensors add_lora creates stay fp32
         net = M.Llama.from_pretrained(model, dtype=getattr(torch, dtype)).to(device)
-        M.add_lora(net, lora_r, lora_alpha, lora_dropout)
+        M.add_lora(net, lora_r, lora_alpha, lora_dropout, top_layers=lora_top_layers)
         net.grad_checkpointing = grad_checkpointing
         tok = M.load_tokenizer(model)
-        step_fn = lambda images, rng: llm2clip_step(net, tok, records, images, rng, part, device)  # noqa: E731
+        step_fn = lambda images, rng: (llm2clip_step(net, tok, records, images, rng, part, device), None)  # noqa: E731
     else:
         from embed_cache import open_cache
         teacher = M.CLIPTextTower.from_pretrained(clip).to(device).eval().requires_grad_(False)
         clip_tok = M.load_tokenizer(clip)
         caches = {}
         for field in ins_fields.split(","):
-            texts, image_index = caption_rows(records, field)
-            caches[field] = (open_cache(cache, field, model, records), rows_by_image(image_index), texts)
+            records.require(fields=[field], images="ignore")  # (array, image -> its rows, row -> its text): lazy views
+            caches[field] = (open_cache(cache, field, model, records), records.rows_of(field), records.texts_of(field))
         dim = caches[ins_fields.split(",")[0]][0].shape[1]
         net = M.Adaptor.for_method("proclip", dim, adaptor_out or teacher.config.projection_dim).to(device)
         step_fn = lambda images, rng: proclip_step(net, teacher, clip_tok, caches, records, images, rng, part, device)  # noqa: E731
@@ -169,7 +194,7 @@ def main(config):
     # no decay on norms and biases (1-d tensors)
     groups = [{"params": [p for p in trainable.values() if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in trainable.values() if p.ndim < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)  # one kernel for all tensors
 
     ckpt = M.recover(os.path.join(out_dir, "ckpt"))
     step = load_checkpoint(ckpt, trainable, opt, config, MUST_MATCH) if os.path.isdir(ckpt) else 0
@@ -186,7 +211,7 @@ def main(config):
             g["lr"] = lr_at(step)
         torch.manual_seed(seed + 100003 * step + rank)  # dropout: a function of (step, rank), for resume
         with amp:
-            loss = step_fn(images, rng)
+            loss, n_cut = step_fn(images, rng)
         opt.zero_grad(set_to_none=True)
         # the loss of each rank is its share; the sum over ranks is the global objective's gradient x W
         loss.backward()
@@ -204,7 +229,8 @@ def main(config):
         step += 1
         if step % log_interval == 0 or step == max_steps or step == 1:
             # the global loss (llm2clip); the mean of the ranks' sums (proclip)
-            log(step, {"loss": loss}, lr=lr_at(step - 1), grad_norm=gnorm)
+            extra = {} if n_cut is None else {"cut_by_teacher": n_cut}  # proclip: captions left out (this rank)
+            log(step, {"loss": loss}, lr=lr_at(step - 1), grad_norm=gnorm, **extra)
         if master and (step % ckpt_interval == 0 or step == max_steps or step == halt_at):
             save_checkpoint(ckpt, trainable, opt, step, config)
         if step == halt_at:

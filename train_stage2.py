@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import model as M
-from dataset import ImageDataset, caption_rows, collate, image_fault, image_path, read_manifest, rows_by_image
+from dataset import ImageDataset, Manifest, collate
 from kernels import contrastive_loss, structure_loss
 from train_common import (StepLog, cosine_lr, global_batch, load_checkpoint, save_checkpoint, setup_distributed,
                           teardown_distributed)
@@ -54,6 +54,7 @@ from train_common import (StepLog, cosine_lr, global_batch, load_checkpoint, sav
 # -----------------------------------------------------------------------------
 method = "llm2clip"              # llm2clip | proclip | clip
 manifest = "data/fashion/out/train.jsonl"
+index_dir = ""                   # where the manifest's index goes; "" = beside it (<manifest>.index/)
 clip = ""                        # HF CLIP folder: the ViT and logit scale (and method=clip's text tower); "" = from scratch (clip only)
 cache = "out/cache/train"        # llm2clip, proclip: embed_cache.py output over `manifest`
 llm = "data/smollm2/hf"          # llm2clip, proclip: the LLM that made the cache (fingerprint checked; evaluate.py runs it)
@@ -73,6 +74,7 @@ vision_layers = 4
 text_width = 128
 text_layers = 3
 context_length = 16              # the base CLIP's short context: long captions are cut, as CLIP's 77 tokens cut them
+logit_scale_init = 0.0           # clip from scratch: the initial multiplier s (0 = CLIP's 1/0.07)
 # optimisation
 batch_size = 64                  # per rank
 max_steps = 1000
@@ -84,12 +86,13 @@ weight_decay = 0.05
 grad_clip = 5.0
 seed = 1337
 num_workers = 2                  # image decoding processes per rank (0: in the training process)
-skip_bad = False                 # True: images Pillow cannot decode are listed and left out; False: stop at the first
+skip_bad = False                 # True: an unreadable image is replaced by the next readable one, counted and listed; False: stop at the first
 log_interval = 10
 ckpt_interval = 200
 halt_at = 0                      # stop after checkpointing at this step (tests resume with it); 0 = off
 fixed_batch = False              # train on step 0's batch forever (an overfitting check)
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype of the towers on a GPU
+grad_checkpointing = False       # recompute each tower layer in the backward (real-size batches need it: estimate_memory.py)
 # -----------------------------------------------------------------------------
 MUST_MATCH = ("method", "batch_size", "seed", "max_steps", "fields", "manifest", "skip_bad")
 LN100 = math.log(100.0)
@@ -222,26 +225,15 @@ def main(config):
         else torch.autocast("cpu", enabled=False)
     torch.manual_seed(seed)  # fresh weights start the same on every rank and every run
 
-    records = read_manifest(manifest)
     names = [f for f in fields.split(",") if f]
-    rows_of = {}  # field -> image -> its caption rows (caption_rows order = the cache's)
-    texts_of = {}
-    for f in names:
-        texts_of[f], index = caption_rows(records, f)  # every image needs captions in every field: fail now
-        rows_of[f] = rows_by_image(index)
-    keep = list(range(len(records)))
-    if skip_bad:  # every image checked before the first step, so all ranks keep the same set
-        faults = {i: why for i in tqdm(keep, desc="checking images", disable=not master)
-                  if (why := image_fault(image_path(manifest, records[i])))}
-        if master and faults:
-            print(f"{manifest}: skipping {len(faults)} image(s) Pillow cannot read:\n" +
-                  "\n".join(f"  line {i + 1}: {why}" for i, why in list(faults.items())[:20]) +
-                  (f"\n  ... and {len(faults) - 20} more" if len(faults) > 20 else ""))
-        keep = [i for i in keep if i not in faults]
+    # the manifest through its index (built once, in parallel, and checked on first use): memory maps and
+    # lines read on demand, nothing per image in this process or its workers. Every image needs captions in
+    # every field, and (unless skip_bad) an image file: refused now, naming the lines
+    man = Manifest(manifest, index_dir or None).require(fields=names, images="skip" if skip_bad else "error")
     G = batch_size * world
     part = slice(rank * batch_size, (rank + 1) * batch_size)
-    if len(keep) < G:
-        raise ValueError(f"{manifest}: {len(keep)} usable images, fewer than one global batch ({G})")
+    if len(man) < G:
+        raise ValueError(f"{manifest}: {len(man)} images, fewer than one global batch ({G})")
 
     tok, teacher = None, None
     if method == "clip":
@@ -258,7 +250,7 @@ def main(config):
         from embed_cache import open_cache
         if not clip:
             raise ValueError(f"method={method} needs clip= (an HF CLIP folder whose ViT is re-aligned)")
-        arrays = {f: open_cache(cache, f, llm, records) for f in names}  # refuses another LLM's or manifest's cache
+        arrays = {f: open_cache(cache, f, llm, man) for f in names}  # refuses another LLM's or manifest's cache
         dim = arrays[names[0]].shape[1]
         vit, scale0 = M.ViT.from_pretrained(clip), M.read_logit_scale(clip)
         if method == "llm2clip":
@@ -276,9 +268,13 @@ def main(config):
                              f"needs {dim} (the cache) -> {vit.config.projection_dim} (the ViT's projection)")
         if method == "proclip":
             teacher = copy.deepcopy(vit).requires_grad_(False).eval().to(device)
-    scale0 = math.log(1 / 0.07) if scale0 is None else float(scale0)  # CLIP's own init when there is none
+    scale0 = math.log(logit_scale_init or 1 / 0.07) if scale0 is None else float(scale0)  # when the CLIP has none
     net = Stage2(vit, text, min(max(scale0, 0.0), LN100)).to(device)
-    opt = torch.optim.AdamW(param_groups(net), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    for m in net.modules():  # the towers' encoders (CLIPEncoder) recompute each layer in the backward
+        if hasattr(m, "grad_checkpointing"):
+            m.grad_checkpointing = grad_checkpointing
+    # fused: one kernel for all tensors (on a CPU 10x faster than the default loop; CUDA has it too)
+    opt = torch.optim.AdamW(param_groups(net), lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
     tensors = dict(net.state_dict())  # what a checkpoint holds (views of the live tensors)
     if teacher is not None:
         tensors.update({f"ema.{k}": v for k, v in teacher.state_dict().items()})
@@ -293,21 +289,23 @@ def main(config):
 
     def batches():  # this rank's (image, epoch) pairs of every step from `start` on
         for step in range(start, max_steps):
-            epoch, images, _ = global_batch(seed, step, len(keep), G, fixed_batch)
-            yield [(keep[j], epoch) for j in images[part]]
-    ds = ImageDataset(manifest, size=vit.config.image_size, train=True, seed=seed, records=records)
+            epoch, images, _ = global_batch(seed, step, len(man), G, fixed_batch)
+            yield [(j, epoch) for j in images[part].tolist()]
+    ds = ImageDataset(man, size=vit.config.image_size, train=True, seed=seed, skip_bad=skip_bad)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=batches(), num_workers=num_workers, collate_fn=collate,
                                          pin_memory="cuda" in device)
 
-    def text_input(images, rng):
-        u = rng.random((G, 2))  # per image of the global batch: which field, which caption of it
-        f_idx = (u[:, 0] * len(names)).astype(int)
-        rows = [(names[f], rows_of[names[f]][i][int(v * len(rows_of[names[f]][i]))])
-                for f, i, v in zip(f_idx, [keep[j] for j in images], u[:, 1])][part]
+    def text_input(images, rng):  # this rank's images (as the loader served them)
+        u = rng.random((G, 2))[part]  # per image of the global batch: which field, which caption; this rank's share
+        rows = []  # (field, cache row, image, caption k of the image's captions in that field)
+        for i, (a, b) in zip(images, u):
+            f = names[int(a * len(names))]
+            lo, hi = man.row_range(f, i)
+            rows.append((f, lo + int(b * (hi - lo)), i, int(b * (hi - lo))))
         if method == "clip":
-            ids, mask = text.tokenize(tok, [texts_of[f][r] for f, r in rows])
+            ids, mask = text.tokenize(tok, [man.captions(i, f)[k] for f, _, i, k in rows])
             return ids.to(device), mask.to(device)
-        e = np.stack([arrays[f][r] for f, r in rows]).astype(np.float32)  # (B, D) from the memmaps
+        e = np.stack([arrays[f][r] for f, r, _, _ in rows]).astype(np.float32)  # (B, D) from the memmaps
         return torch.from_numpy(e).to(device)
 
     bar = tqdm(total=max_steps, initial=start, desc=f"stage 2 {method}", unit="step", disable=not master)
@@ -315,14 +313,15 @@ def main(config):
     model.train()
     step, t_start = start, time.time()
     for pixels, idx, _ in loader:
-        _, images, rng = global_batch(seed, step, len(keep), G, fixed_batch)
-        assert idx.tolist() == [keep[j] for j in images[part]]  # the loader serves exactly this step's images
+        _, images, rng = global_batch(seed, step, len(man), G, fixed_batch)
+        idx = idx.tolist()  # the loader serves exactly this step's images (skip_bad: a bad one replaced by a later one)
+        assert all(a == b or (ds.bad is not None and ds.bad[b]) for a, b in zip(idx, images[part].tolist()))
         lr_now = cosine_lr(step, lr, min_lr, warmup_steps, max_steps)
         for g in opt.param_groups:
             g["lr"] = lr_now * g["lr_scale"]
         pixels = pixels.to(device, non_blocking=True)
         with amp:
-            img, txt = model(pixels, text_input(images, rng))
+            img, txt = model(pixels, text_input(idx, rng))
             loss = info = contrastive_loss(img, txt, net.logit_scale.exp())
             if teacher is not None:
                 with torch.no_grad():
@@ -351,6 +350,10 @@ def main(config):
         if step == halt_at:
             break
     bar.close()
+    if ds.n_skipped:  # each rank's workers mark its own table: each rank lists what it replaced
+        print(f"{manifest}: rank {rank}: skipping {ds.n_skipped} image(s) that could not be read (each replaced by "
+              f"the next readable image):\n" + "\n".join(f"  line {ln}: {p}" for ln, p in ds.skipped()[:20]) +
+              (f"\n  ... and {ds.n_skipped - 20} more" if ds.n_skipped > 20 else ""))
     if master and step == max_steps:
         export(os.path.join(out_dir, "model"), net, tok, config)
         print(f"done in {time.time() - t_start:.0f}s: {out_dir}/model")

@@ -1,12 +1,14 @@
-# ProCLIP stage 1 on the Fashion demo: distil the base CLIP's text tower (out/demo/base_clip) into an
-# adaptor over raw SmolLM2's cached embeddings of short and long captions. Sized for a 2-core CPU.
+# ProCLIP stage 1 on the Fashion demo: distil the base CLIP's text tower (out/demo/base_clip) into an adaptor
+# over the stage-1 LLM's cached embeddings (ProCLIP runs on an LLM already tuned for captions: the paper's
+# Llama3-CC is LLM2CLIP's stage-1 output). L_ins on two short captions per image, the kind the teacher's
+# 10-token context reads whole; long captions would be cut by it. Sized for a 2-core CPU.
 method = "proclip"
 manifest = "data/fashion/out/train.jsonl"
-model = "data/smollm2/hf"
+model = "out/demo/stage1_llm2clip/merged"
 clip = "out/demo/base_clip/model"
-cache = "out/demo/cache/raw_train"
+cache = "out/demo/cache/llm2clip_train"
 out_dir = "out/demo/stage1_proclip"
-ins_fields = "short,long"
+ins_fields = "short,short"
 batch_size = 128
 max_steps = 400
 warmup_steps = 40

@@ -1,17 +1,21 @@
-# The demo's base CLIP, from scratch on the short captions only (DESIGN.md section 9): a small ViT and a
-# CLIP text tower with a 16-token context, sized for a 2-core CPU. It plays the part of "pretrained CLIP".
+# The demo's base CLIP, from scratch (DESIGN.md section 9): a small ViT and a CLIP text tower with a
+# 10-token context, pretrained on the pretrain split: grids whose short captions name one item each (with
+# its colour and place), and single items. It plays the part of "pretrained CLIP": its ViT learns every
+# item of a grid, while its text tower cannot read a long caption past its opening sentence.
 method = "clip"
 clip = ""
-manifest = "data/fashion/out/train.jsonl"
+manifest = "data/fashion/out/pretrain.jsonl"
 out_dir = "out/base_clip"
 fields = "short"
+context_length = 10
+patch_size = 16
 batch_size = 128
-max_steps = 300
-warmup_steps = 20
-lr = 5e-4
+max_steps = 600
+warmup_steps = 30
+lr = 1e-3
 min_lr = 1e-5
 layer_decay = 1.0                # from scratch: every layer at the full lr
 weight_decay = 0.05
 num_workers = 1
-log_interval = 25
-ckpt_interval = 100
+log_interval = 50
+ckpt_interval = 200

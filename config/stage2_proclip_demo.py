@@ -1,12 +1,12 @@
 # ProCLIP stage 2 on the Fashion demo: the base CLIP's ViT with its own projection, the adaptor from
-# ProCLIP stage 1 over raw SmolLM2's cached embeddings, and the EMA teacher (settings as LLM2CLIP's demo).
+# ProCLIP stage 1 over the stage-1 LLM's cached embeddings, and the EMA teacher (settings as LLM2CLIP's demo).
 # lambda 0.01: at 0.1 with these steps the distillation sums (over 128 images, 8128 pairs) were twice the
 # InfoNCE loss at step 25 and the clipped gradient was almost all distillation.
 method = "proclip"
 manifest = "data/fashion/out/train.jsonl"
 clip = "out/demo/base_clip/model"
-llm = "data/smollm2/hf"
-cache = "out/demo/cache/raw_train"
+llm = "out/demo/stage1_llm2clip/merged"
+cache = "out/demo/cache/llm2clip_train"
 stage1 = "out/demo/stage1_proclip"
 out_dir = "out/demo/proclip"
 fields = "short,long"

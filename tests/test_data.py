@@ -3,6 +3,7 @@ CLIP preprocessing against hand-computed values, reproducible crops, bad images 
 caption row order, and a tiny build of the Fashion-MNIST demo set."""
 
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -96,9 +97,70 @@ def test_check_manifest_lists_the_first_20_then_counts(tmp_path):
     assert "line 21" not in msg and msg.endswith("... and 5 more")
 
 
-def test_read_manifest_names_the_bad_line(planted):
-    with pytest.raises(ValueError, match=r"m.jsonl:4: malformed JSON"):
+def test_read_manifest_names_the_bad_lines(planted):
+    """What every script opens: record faults refuse (missing images are for the scripts that read images)."""
+    with pytest.raises(ValueError) as e:
         D.read_manifest(planted)
+    assert str(e.value).splitlines()[:4] == [
+        f"{planted}: 3 fault(s) on 3 of 9 lines:",
+        "  line 4: malformed JSON: Expecting ',' delimiter: line 1 column 51 (char 50)",
+        "  line 6: caption short[1] must be a non-empty string, got ''",
+        "  line 7: 'label' must be an int, got '3'"]
+
+
+def test_caption_policy_and_labels(tmp_path):
+    """Captions: a field is a non-empty list of strings with something besides whitespace (a bare string
+    would be split into characters); a label is an int >= 0; every refusal names the manifest and line."""
+    cases = [({"short": "a red shirt"}, 1, "caption field 'short' must be a non-empty list of strings, got 'a red shirt'"),
+             ({"short": []}, 1, "caption field 'short' must be a non-empty list of strings, got []"),
+             ({"short": ["ok", "   "]}, 1, "caption short[1] must be a non-empty string, got '   '"),
+             ({"short": ["ok", 3]}, 1, "caption short[1] must be a non-empty string, got 3"),
+             ({"../x": ["ok"]}, 1, "caption field name '../x' must be letters, digits, '_' or '-'"),
+             ({"short": ["ok"]}, "3", "'label' must be an int, got '3'"),
+             ({"short": ["ok"]}, True, "'label' must be an int, got True"),
+             ({"short": ["ok"]}, -1, "'label' must be a class index >= 0 (and < 2^31), got -1")]
+    for k, (caps, label, msg) in enumerate(cases):
+        path = tmp_path / f"m{k}.jsonl"
+        path.write_text(rec("a.png") + "\n" + json.dumps({"image": "a.png", "captions": caps, "label": label}) + "\n")
+        with pytest.raises(ValueError) as e:
+            D.read_manifest(path)
+        assert str(e.value) == f"{path}: 1 fault(s) on 1 of 2 lines:\n  line 2: {msg}", str(e.value)
+
+
+def test_duplicate_images_are_reported_once(tmp_path, capsys):
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(rec(f"{i % 3}.png") + "\n" for i in range(7)))
+    man = D.Manifest(path)
+    err = capsys.readouterr().err
+    assert man.meta["duplicates"]["count"] == 4 and man.meta["duplicates"]["examples"][0] == [1, 4, "0.png"]
+    assert f"{path}: warning: 4 record(s) name an image an earlier line names (lines 1 and 4: 0.png" in err, err
+    D.Manifest(path)  # indexed already: nothing said again
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_manifest_index_api(tmp_path):
+    path = tmp_path / "m.jsonl"
+    recs = [{"image": "0.png", "captions": {"long": ["a", "b"], "short": ["s0"]}, "label": 4},
+            {"image": "1.png", "captions": {"long": ["c"]}},
+            {"image": "2.png", "captions": {"long": ["d", "e", "f"], "short": ["s2"]}, "label": 0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    man = D.Manifest(path)
+    assert len(man) == 3 and man.fields == ["long", "short"] and [man[i] for i in range(3)] == recs
+    assert man.ptr("long").tolist() == [0, 2, 3, 6] and man.ptr("short").tolist() == [0, 1, 1, 2]
+    assert man.rows("long", 2).tolist() == [3, 4, 5] and man.rows("short", 1).tolist() == []
+    assert [man.text("long", r) for r in range(6)] == list("abcdef") == man.texts("long")
+    assert man.texts("long", 2, 5) == ["c", "d", "e"] and man.texts("long", 5, 99) == ["f"]
+    assert man.row_images("long").tolist() == [0, 0, 1, 2, 2, 2]
+    assert man.labels.tolist() == [4, -1, 0] and man.labels.dtype == np.int32
+    assert list(man.rows_of("long")[2]) == [3, 4, 5] and man.texts_of("long")[3] == "d"
+    with pytest.raises(ValueError, match=rf"{path}: 1 fault\(s\) on 1 of 3 lines:\n  line 2: caption field 'short' is missing"):
+        man.require(fields=["long", "short"], images="ignore")
+    with pytest.raises(ValueError, match=r"line 2: missing key 'label'"):
+        man.require(label=True, images="ignore")
+    with pytest.raises(KeyError, match="no caption field 'de'"):
+        man.ptr("de")
+    texts, index = D.caption_rows(man, "long")  # the evaluation helper, same order
+    assert texts == list("abcdef") and index.tolist() == [0, 0, 1, 2, 2, 2]
 
 
 def test_caption_rows_order():
@@ -145,6 +207,82 @@ def test_train_transform_seeded():
     full = D.train_transform(img, 48, torch.Generator().manual_seed(0), scale=(1, 1), ratio=(1, 1))
     torch.testing.assert_close(full, D.eval_transform(img, 48), atol=0, rtol=0)
 
+def ramp_images():
+    """(name, image, format, expected R row or None) for every mode Pillow reads from files: a horizontal ramp
+    over the mode's full range, saved and read back. None: only the span and the direction are checked."""
+    r8 = np.tile(np.arange(256, dtype=np.uint8), (4, 1))
+    r16 = r8.astype(np.uint16) * 257  # 0..65535
+    L = lambda a: Image.fromarray(np.ascontiguousarray(a), "L")
+    zero, mid = L(np.zeros_like(r8)), L(np.full_like(r8, 128))
+    up = np.arange(256)
+    pal = L(r8).convert("P")
+    pal_t = pal.copy()
+    pal_t.info["transparency"] = 0
+    return [("1", Image.fromarray(r8 >= 128), "PNG", np.where(up >= 128, 255, 0)),
+            ("L", L(r8), "PNG", up), ("P", pal, "PNG", up), ("P+transparency", pal_t, "PNG", up),
+            ("LA", Image.merge("LA", [L(r8), L(r8[:, ::-1])]), "PNG", up),
+            ("RGBA", Image.merge("RGBA", [L(r8)] * 3 + [L(r8[:, ::-1])]), "PNG", up),
+            ("PA", Image.merge("LA", [L(r8), L(r8)]).convert("PA"), "TIFF", up),
+            ("CMYK", Image.merge("CMYK", [L(r8), zero, zero, zero]), "TIFF", 255 - up),
+            ("CMYK", Image.merge("CMYK", [L(r8), zero, zero, zero]), "JPEG", None),
+            ("YCbCr", Image.merge("YCbCr", [L(r8), mid, mid]), "TIFF", None),
+            ("LAB", Image.merge("LAB", [L(r8), mid, mid]), "TIFF", None),
+            ("I;16", Image.fromarray(r16), "PNG", up),
+            ("I;16B", Image.frombytes("I;16B", (256, 4), r16.astype(">u2").tobytes()), "TIFF", up),
+            ("I", Image.fromarray(r16.astype(np.int32)), "TIFF", up),
+            ("I", Image.fromarray(r16.astype(np.int32) - 40000), "TIFF", up),  # outside 0..65535: its min..max
+            ("F", Image.fromarray((r16 / 65535).astype(np.float32)), "TIFF", up),
+            ("F", Image.fromarray((r16 / 65535 * 1000 - 300).astype(np.float32)), "TIFF", up)]
+
+
+@pytest.mark.parametrize("k", range(len(ramp_images())))
+def test_every_mode_keeps_its_range(tmp_path, k):
+    """Issue 17: 16-bit ("I;16" from a PNG: Pillow's convert clips it to 255, nearly all white), palette,
+    CMYK, alpha, float: RGB with the full range, each ramp mapped onto the expected 8-bit ramp."""
+    name, img, fmt, want = ramp_images()[k]
+    path = tmp_path / f"ramp.{fmt.lower()}"
+    img.save(path, fmt)
+    back = Image.open(path)
+    assert back.mode == (name if name != "P+transparency" else "P") or fmt == "PNG" and name == "I;16B"
+    out = np.asarray(D.to_rgb(back))
+    assert out.dtype == np.uint8 and out.shape == (4, 256, 3)
+    row = out[0, :, 0].astype(int)
+    assert row.min() <= 2 and row.max() >= 253, (name, fmt, row.min(), row.max())
+    assert np.all(np.diff(row) >= 0) or np.all(np.diff(row) <= 0), (name, fmt)
+    if want is not None:
+        assert np.abs(row - want).max() <= 1, (name, fmt, row[::32], want[::32])
+    if name == "I;16":  # the dataset path too: a 16-bit ramp stays a ramp (mean mid-grey), not white
+        (tmp_path / "m.jsonl").write_text(json.dumps({"image": path.name}) + "\n")
+        x = D.ImageDataset(tmp_path / "m.jsonl", size=16)[0][0] * STD.view(3, 1, 1) + MEAN.view(3, 1, 1)
+        assert abs(x.mean().item() - 0.5) < 0.05, x.mean()
+
+
+def test_jpeg_draft_decoding_stays_close():
+    """Draft decoding (large JPEGs decoded at 1/2..1/8 scale) crops the same region and changes the
+    output about as little as Pillow's reducing_gap=2 shortcut; small JPEGs and PNGs are untouched."""
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).resize((1800, 1350), Image.BICUBIC)
+    a = np.asarray(base).astype(np.int16) + rng.integers(-12, 13, (1350, 1800, 3))
+    a[400:404] = 250  # a hard edge
+    b = io.BytesIO()
+    Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(b, "JPEG", quality=90)
+    data = b.getvalue()
+    big = Image.open(io.BytesIO(data))
+    box = D._draft(big, (100.0, 50.0, 1500.0, 1250.0), 224)
+    assert big.size == (900, 675) and box == (50.0, 25.0, 750.0, 625.0)  # 1/2 scale: 1200 / 2 >= 2 x 224 > 1200 / 4
+    levels = (D.CLIP_STD[0] * 255)
+    for size in (224, 336):
+        for fn in (lambda img, d: D.eval_transform(img, size, draft=d),
+                   lambda img, d: D.train_transform(img, size, torch.Generator().manual_seed(3), draft=d)):
+            full, fast = fn(Image.open(io.BytesIO(data)), False), fn(Image.open(io.BytesIO(data)), True)
+            diff = (full - fast).abs() * levels  # in 8-bit levels (roughly: one channel's std)
+            assert diff.mean() < 1.0 and diff.max() < 40, (size, diff.mean(), diff.max())
+    small = io.BytesIO()
+    Image.fromarray(a[:375, :500].clip(0, 255).astype(np.uint8)).save(small, "JPEG", quality=90)
+    for data in (small.getvalue(),):
+        assert torch.equal(D.eval_transform(Image.open(io.BytesIO(data)), 224, draft=True),
+                           D.eval_transform(Image.open(io.BytesIO(data)), 224))
+
 # -----------------------------------------------------------------------------
 # the Dataset
 
@@ -179,10 +317,16 @@ def test_dataset_skip_bad_counts_across_workers(folder):
     ds = D.ImageDataset(folder / "m.jsonl", size=8, skip_bad=True)
     loader = DataLoader(ds, batch_size=3, num_workers=2, collate_fn=D.collate)
     batches = list(loader)
-    assert [b[1].tolist() for b in batches] == [[0, 1, 2], [4, 5]]  # item 3 dropped from its batch
-    assert batches[1][0].shape == (2, 3, 8, 8) and batches[1][2].tolist() == [4, 5]
+    # item 3 replaced by the next readable image (4): batches stay full, the same whatever the workers
+    assert [b[1].tolist() for b in batches] == [[0, 1, 2], [4, 4, 5]]
+    assert batches[1][0].shape == (3, 3, 8, 8) and batches[1][2].tolist() == [4, 4, 5]
+    assert torch.equal(batches[1][0][0], batches[1][0][1])
     assert ds.n_skipped == 1 and ds.skipped() == [(4, str(folder / "img" / "3.png"))]  # written by a worker
     assert D.collate([None, None]) is None
+    (folder / "img" / "5.png").unlink()  # the last one too: the walk wraps around to the first image
+    ds = D.ImageDataset(folder / "m.jsonl", size=8, skip_bad=True)
+    assert ds[5][1] == 0 and ds[3][1] == 4 and ds.skipped() == [(4, str(folder / "img" / "3.png")),
+                                                                 (6, str(folder / "img" / "5.png"))]
 
 # -----------------------------------------------------------------------------
 # CuPL
@@ -204,19 +348,30 @@ def test_read_cupl(monkeypatch):
 def test_prepare_fashion_tiny(tmp_path):
     cupl = 3 if importlib.util.find_spec("clip_benchmark") else 0
     def prepare(out):
-        args = [f"--out={out}", "--n_train=8", "--n_val=4", "--n_test=4", f"--cupl_classes={cupl}", "--tokenizer="]
+        args = [f"--out={out}", "--n_pretrain=6", "--n_single=3", "--n_train=8", "--n_test=4", "--n_zeroshot=5",
+                f"--cupl_classes={cupl}", "--tokenizer="]
         return subprocess.run([sys.executable, str(ROOT / "data" / "fashion" / "prepare.py"), *args],
                               capture_output=True, text=True, check=True).stdout
     prepare(tmp_path / "a")
     prepare(tmp_path / "b")
-    for split, n in (("train", 8), ("val", 4), ("test", 4)):
-        records = D.check_manifest(tmp_path / "a" / f"{split}.jsonl", fields=["short", "long", "de", "fr"], label=True)
+    splits = {"pretrain": (9, ["short"]), "train": (8, ["short", "long", "de"]), "test": (4, ["short", "long", "de", "fr"]),
+              "zeroshot": (5, ["short"])}
+    for split, (n, fields) in splits.items():
+        records = list(D.check_manifest(tmp_path / "a" / f"{split}.jsonl", fields=fields, label=split == "zeroshot"))
         assert len(records) == n
         for r in records:
             caps = r["captions"]
-            assert len(caps["short"]) == 3 and len(caps["long"]) == len(caps["de"]) == len(caps["fr"]) == 2
-            assert min(len(t.split()) for t in caps["long"]) > 2 * max(len(t.split()) for t in caps["short"])
-            assert 0 <= r["label"] < 10
+            assert sorted(caps) == sorted(fields)
+            grid = "long" in caps or split == "pretrain" and "label" not in r
+            if grid:  # one short caption per item, naming its place; long ones name all four items
+                assert len(caps["short"]) == 4 and all(any(p in t for p in ("top", "bottom")) for t in caps["short"])
+            else:  # a single item: its class is the label
+                assert 0 <= r["label"] < 10 and len(caps["short"]) == 3
+            if "long" in caps:
+                assert len(caps["long"]) == 2 and len(caps["de"]) == (2 if split == "train" else 1)
+                assert min(len(t.split()) for t in caps["long"]) > 2 * max(len(t.split()) for t in caps["short"])
+                assert all(t.count("left") + t.count("right") == 4 for t in caps["long"])  # every item placed
+            assert "fr" not in caps or len(caps["fr"]) == 1  # French: test only, a language no stage sees
         # deterministic: a second build is byte for byte the same
         assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == (tmp_path / "b" / f"{split}.jsonl").read_bytes()
         img = Image.open(tmp_path / "a" / records[0]["image"])

