@@ -1,8 +1,10 @@
 """
 What the stage scripts share: the torchrun set-up, the learning-rate schedule, the global batch of a
-step, checkpoints (safetensors + optimizer state + JSON, swapped in whole) and the step log line.
+step, checkpoints (safetensors + optimizer state + JSON, swapped in whole) with the identity of the run
+they belong to (settings and input fingerprints, checked on resume), and the step log line.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -11,6 +13,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import model as M
@@ -94,34 +97,145 @@ def global_batch(seed, step, n_images, G, fixed=False):
     images = permute(np.arange(offset, offset + G), n_images, (seed, epoch))
     return epoch, images, np.random.default_rng([seed, step])
 
-def save_checkpoint(path, tensors, opt, step, config):
-    """tensors (name -> tensor) to weights.safetensors, the optimizer to optimizer.pt, {step, config} to
-    state.json; written beside `path` and swapped in whole (model.atomic_write)."""
+# -----------------------------------------------------------------------------
+# checkpoints, and what they were made from: resuming with anything else is refused
+
+FILE_FINGERPRINTS = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nano-llm2clip",
+                                 "file_fingerprints.json")
+
+def files_fingerprint(files):
+    """sha256 of the files' bytes (in the given order), remembered per (real path, size, mtime, inode) of
+    each in FILE_FINGERPRINTS, as embed_cache.model_fingerprint does: an unchanged adaptor of 1 GB is not
+    rehashed at every start."""
+    key = json.dumps([[os.path.realpath(p), s.st_size, s.st_mtime_ns, s.st_ino] for p, s in zip(files, map(os.stat, files))])
+    try:
+        with open(FILE_FINGERPRINTS) as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    from embed_cache import sha256_files
+    sha = sha256_files(files)
+    try:  # best effort: a read-only home only costs the rehash
+        os.makedirs(os.path.dirname(FILE_FINGERPRINTS), exist_ok=True)
+        tmp = f"{FILE_FINGERPRINTS}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({**known, key: sha}, f)
+        os.replace(tmp, FILE_FINGERPRINTS)
+    except OSError:
+        pass
+    return sha
+
+def _sha(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model")
+
+def input_fingerprint(name, path, manifest=None, fields=()):
+    """What an input of a run holds, as a sha256, by the setting's name:
+    manifest   its index's record count, size, content sample and the caption fingerprints of `fields`
+               (`manifest`: the run's dataset.Manifest);
+    cache      its meta.json: the model's fingerprint, the embedding settings, each of `fields`' count and
+               caption fingerprint (the rows are those of that model on those captions);
+    tokenizer  the tokenizer files of the folder;
+    otherwise  a folder: config.json + weights of an HF model (embed_cache.model_fingerprint, what caches
+               and text.json record), or the .json + .safetensors files of another folder (an adaptor)."""
+    if name == "manifest":
+        m = manifest.meta
+        return _sha(dict(lines=m["lines"], size=m["size"], sample=m["sample_sha256"],
+                         fields={f: manifest.fingerprint(f) for f in fields}))
+    if name == "cache":
+        from embed_cache import read_meta
+        meta = read_meta(path)
+        return _sha({**{k: v for k, v in meta.items() if k not in ("model", "manifest", "complete", "over_length", "fields")},
+                     "fields": {f: meta["fields"].get(f) for f in fields}})
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{name}={path!r}: no such folder")
+    if name == "tokenizer":
+        return files_fingerprint([os.path.join(path, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(path, n))])
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from embed_cache import model_fingerprint
+        return model_fingerprint(path)
+    return files_fingerprint(sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith((".json", ".safetensors"))))
+
+def run_identity(config, settings, inputs, manifest=None, fields=()):
+    """What a run is made from, saved with its checkpoints and compared on resume (load_checkpoint):
+    settings: names of config values that decide the model's sizes, the data and its order, or the schedule;
+              compared by value;
+    inputs:   names of config values that are paths to what the run reads (manifest, models, cache, adaptor,
+              tokenizer); recorded with their path and compared by content (input_fingerprint), so a moved
+              copy resumes and another file at the same path does not. An empty path is recorded as such.
+    manifest, fields: the run's dataset.Manifest and the caption fields it reads (for manifest and cache)."""
+    return {"settings": {k: config[k] for k in settings},
+            "inputs": {k: {"path": config[k], "fingerprint": input_fingerprint(k, config[k], manifest, fields) if config[k] else ""}
+                       for k in inputs}}
+
+def save_checkpoint(path, tensors, opt, step, config, identity):
+    """tensors (name -> tensor) to weights.safetensors, the optimizer to optimizer.pt, {step, config,
+    identity (run_identity)} to state.json; written beside `path` and swapped in whole (model.atomic_write)."""
     def write(tmp):
         os.makedirs(tmp)
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, os.path.join(tmp, "weights.safetensors"))
         torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"step": step, "config": config}, f, indent=2)
+            json.dump({"step": step, "config": config, "identity": identity}, f, indent=2)
     M.atomic_write(path, write)
 
-def load_checkpoint(path, tensors, opt, config, must_match):
-    """Load a save_checkpoint folder into `tensors` and `opt`; return its step. The settings named in
-    must_match (those that decide the data order and the schedule) must equal the run's `config`."""
+def _short(x):
+    return (x[:12] + "...") if isinstance(x, str) and len(x) == 64 else repr(x)
+
+def resume_faults(state, path, tensors, identity):
+    """What keeps the checkpoint at `path` (its state.json: `state`) from resuming this run, from the state
+    and the header of its weights (no tensor read): (names for a summary, one line per difference: 'what:
+    checkpoint -> this run', every tensor included)."""
+    old, names, lines = state["identity"], [], []
+    for k, v in identity["settings"].items():
+        if k not in old["settings"] or old["settings"][k] != v:
+            names.append(k)
+            lines.append(f"  {k}: {old['settings'].get(k, '(not recorded)')!r} -> {v!r}")
+    for k, v in identity["inputs"].items():
+        o = old["inputs"].get(k)
+        if o is None or o["fingerprint"] != v["fingerprint"]:
+            names.append(k)
+            was = f"{o['path']!r} (content {_short(o['fingerprint'])})" if o else "(not recorded)"
+            lines.append(f"  {k}: {was} -> {v['path']!r} (content {_short(v['fingerprint'])})")
+    with safe_open(os.path.join(path, "weights.safetensors"), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    bad = []  # tensors missing on either side or of another shape
+    for k in sorted(set(shapes) | set(tensors)):
+        want = tuple(tensors[k].shape) if k in tensors else None
+        if shapes.get(k) != want:
+            bad.append(f"{k} {shapes.get(k, '(missing)')} -> {want or '(missing)'}")
+            lines.append(f"  tensor {k}: " + ("missing" if k not in shapes else str(shapes[k])) + " in the checkpoint, "
+                         + ("not in this run" if want is None else f"{want} in this run"))
+    if bad:
+        names.append(f"{len(bad)} tensor(s) (e.g. {bad[0]})" if len(bad) > 1 else f"tensor {bad[0]}")
+    return names, lines
+
+def load_checkpoint(path, tensors, opt, identity):
+    """Load a save_checkpoint folder into `tensors` and `opt`; return its step. Refused before any tensor is
+    read if the checkpoint was made from other settings or inputs (identity: run_identity of this run), or
+    holds other tensors or shapes: one error naming each (checkpoint -> this run)."""
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    if "identity" not in state:
+        raise ValueError(f"{path}: made by an older version that recorded neither its inputs' fingerprints nor its "
+                         f"sizes, so resuming it cannot be checked; delete it or use another out_dir")
+    names, lines = resume_faults(state, path, tensors, identity)
+    if names:
+        raise ValueError(f"{path}: cannot resume: this run differs in {', '.join(names)}; resume with what it was made "
+                         f"with, or use another out_dir\n" + "\n".join(lines))
+    for k, now in identity["inputs"].items():
+        was = state["identity"]["inputs"][k]["path"]
+        if was != now["path"] and int(os.environ.get("RANK", 0)) == 0:
+            print(f"{path}: {k} moved: {was} -> {now['path']} (same content)")
     sd = load_file(os.path.join(path, "weights.safetensors"))
-    if set(sd) != set(tensors):
-        raise KeyError(f"{path}: checkpoint tensors do not match the model's "
-                       f"(e.g. {sorted(set(sd) ^ set(tensors))[:3]})")
     with torch.no_grad():
         for k, v in tensors.items():
             v.copy_(sd[k])
     opt.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
-    changed = [k for k in must_match if state["config"].get(k) != config[k]]
-    if changed:
-        raise ValueError(f"{path}: made with other {', '.join(changed)}; resuming would change the run "
-                         f"(use another out_dir)")
     return state["step"]
 
 class StepLog:
