@@ -10,7 +10,7 @@ In:  a JSONL manifest (dataset.py; indexed on first use) and an HF Llama folder 
 Out: out_dir/<field>.npy  (rows = that field's captions in manifest order, see dataset.Manifest.rows;
                            L2-normalised mean-pooled embeddings, float16; read with np.load(mmap_mode="r"))
      out_dir/meta.json    (count and caption fingerprint per field, dim, dtype, pooling, instruction, max
-                           length, model fingerprint, "complete", and the over-length report)
+                           length, caption template, model fingerprint, "complete", and the over-length report)
      out_dir/done/        (one small JSON file per finished chunk: the resume record)
 Chunks of `chunk_size` captions go round-robin to the ranks, which write their rows into the same files.
 Inside a chunk captions are length-sorted into batches. Killed at any moment and run again, it redoes only
@@ -23,7 +23,7 @@ index (computed once, when the manifest was indexed); the model's sha256 is cach
 and inode (in ~/.cache/nano-llm2clip/fingerprints.json), so a start rehashes nothing that did not change.
 
 Bytes: a chunk's rows depend only on its captions and the settings in meta.json (model, compute dtype,
-batch size, chunk size, instruction, max length), never on which rank ran it or what ran before, so a
+batch size, chunk size, instruction, max length, template), never on which rank ran it or what ran before, so a
 resumed or multi-rank cache equals a one-process uninterrupted one byte for byte *on the same kernels*:
 the same device and the same number of CPU threads (torchrun sets OMP_NUM_THREADS=1 per rank; a plain
 `python` uses every core). fp32 reductions may round differently with another thread count on some
@@ -32,6 +32,13 @@ CPUs (AMD EPYC here): then rows differ in the last fp16 bit, not more.
 Captions longer than max_length tokens (instruction and BOS included) keep their first tokens and lose the
 rest (tokenize_for_embedding); the cache counts them per field and reports, once, when it completes:
 how many, the longest (tokens) and its manifest line (also in meta.json, "over_length").
+
+Caption template: each caption is wrapped as stage 1 and evaluation wrap it (model.caption_template; the
+official LLM2CLIP code wraps every caption of a Llama-3-Instruct model in its user turn). "auto" is
+resolved once the tokenizer is loaded, and meta.json records the resolved string ("" = no wrap), so the
+cache's identity does not depend on how the setting was spelled: a resume with another template is
+refused, and a stage-2 model trained on this cache carries the string into its text.json, which
+evaluate.py checks against any cache it reads. An older meta.json without the key means "".
 
 Integrity: on every open (open_cache, and embed_cache.py itself) each field's .npy must have the header,
 rows, width and dtype meta.json records and its full size; a damaged file is named with the fix (run
@@ -61,6 +68,8 @@ model = "data/smollm2/hf"        # HF Llama folder
 out_dir = "out/cache/train"
 fields = ""                      # comma-separated caption fields; "" = every field of the manifest
 instruction = ""                 # prepended and attended to, not pooled; "" = none
+template = "auto"                # caption template (model.caption_template): "auto" = the chat wrap the tokenizer's
+                                 # vocabulary implies (Llama 3's user turn, ChatML, or none); "none"; or "...{}..."
 max_length = 512                 # tokens per caption (instruction included); longer ones are cut and reported
 batch_size = 64
 chunk_size = 2048                # captions per resumable unit of work
@@ -178,15 +187,16 @@ def _touch(path, record):
         json.dump(record, f)
     os.replace(path + ".tmp", path)
 
-def over_length(tok, texts, max_length):
+def over_length(tok, texts, max_length, template=""):
     """(count, longest in tokens, its index) of texts that need more than max_length tokens with the
-    instruction. Each token covers at least one byte, plus at most 2 tokens of prefix space and BOS, so
-    only texts longer than that many bytes are tokenized (captions that surely fit cost nothing)."""
-    prefix = len(M.tokenize_for_embedding(tok, [""], instruction, 10 ** 9)[0][0])
+    instruction and the (resolved) caption template. Each token covers at least one byte, plus at most 2
+    tokens of prefix space and BOS, so only texts longer than that many bytes beyond an empty caption's
+    tokens (instruction, template head and tail) are tokenized (captions that surely fit cost nothing)."""
+    prefix = len(M.tokenize_for_embedding(tok, [""], instruction, 10 ** 9, template)[0][0])
     maybe = [i for i, t in enumerate(texts) if len(t.encode("utf-8")) + prefix + 2 > max_length]
     if not maybe:
         return 0, 0, -1
-    ids, _ = M.tokenize_for_embedding(tok, [texts[i] for i in maybe], instruction, 10 ** 9)
+    ids, _ = M.tokenize_for_embedding(tok, [texts[i] for i in maybe], instruction, 10 ** 9, template)
     lens = [len(x) for x in ids]
     k = int(np.argmax(lens))
     return sum(n > max_length for n in lens), lens[k], maybe[k]
@@ -201,11 +211,8 @@ def write_rows(path, start, emb):
     del rows
 
 def main():
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    for k in ("batch_size", "chunk_size", "max_length"):
-        if globals()[k] < 1:
-            raise ValueError(f"{k}={globals()[k]}: must be positive")
+    from configurator import check  # one line per bad setting; out_dir must be writable before any work
+    check(globals(), positive=("batch_size", "chunk_size", "max_length"), choices={"dtype": DTYPES}, folders=("out_dir",))
     # gloo even on GPUs: the ranks only meet at barriers, and uneven work must not trip NCCL's watchdog
     ddp, rank, world, device = setup_distributed("gloo")
     barrier = dist.barrier if ddp else (lambda: None)
@@ -217,6 +224,7 @@ def main():
     counts = {f: man.n_rows(f) for f in names}
     llm = M.Llama.from_pretrained(model, dtype=getattr(torch, dtype)).to(device).eval()
     tok = M.load_tokenizer(model)
+    tmpl = M.caption_template(tok, template)  # the resolved string ("" = no wrap): what meta.json records
     meta_path = os.path.join(out_dir, "meta.json")
     # rank 0 checks an existing cache and (re)writes meta.json; the others read its verdict after the barrier
     if rank == 0:
@@ -224,12 +232,13 @@ def main():
         # would give other bytes, and a resumed cache must be byte-identical to an uninterrupted one
         meta = dict(model=model, model_sha256=model_fingerprint(model), manifest=manifest,
                     dim=llm.config.hidden_size, dtype="float16", compute_dtype=dtype, batch_size=batch_size,
-                    pooling="mean", instruction=instruction, max_length=max_length, chunk_size=chunk_size,
+                    pooling="mean", instruction=instruction, max_length=max_length, template=tmpl,
+                    chunk_size=chunk_size,
                     fields={f: dict(count=counts[f], captions_fingerprint=man.fingerprint(f)) for f in names})
         os.makedirs(os.path.join(out_dir, "done"), exist_ok=True)
         old = {}
         if os.path.isfile(meta_path):  # resume: only into a cache made with exactly these settings
-            old = read_meta(out_dir)
+            old = {"template": "", **read_meta(out_dir)}  # a cache from before templates: no wrap
             if any("captions_fingerprint" not in v for v in old.get("fields", {}).values()):
                 raise ValueError(f"{meta_path}: a cache made by an older embed_cache.py (caption fingerprints of "
                                  f"another kind); delete {out_dir} and run again to rebuild it")
@@ -271,8 +280,8 @@ def main():
     for f, c in todo:
         start = c * chunk_size
         texts = man.texts(f, start, start + chunk_size)  # this chunk's captions only, read from the manifest
-        n_over, longest, at = over_length(tok, texts, max_length)
-        emb = M.embed_texts(llm, tok, texts, instruction, max_length, batch_size)
+        n_over, longest, at = over_length(tok, texts, max_length, tmpl)
+        emb = M.embed_texts(llm, tok, texts, instruction, max_length, batch_size, tmpl)
         write_rows(os.path.join(out_dir, f"{f}.npy"), start, emb.to(torch.float16).cpu().numpy())
         # only after the rows are on disk
         _touch(os.path.join(out_dir, "done", f"{f}.{c:06d}"),

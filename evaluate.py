@@ -1,32 +1,65 @@
 """
-Evaluation (DESIGN.md section 7): image-text retrieval R@1/5/10 both ways (short, long and multilingual
-captions), zero-shot classification with templates, caption-to-caption retrieval. One model per run;
-the baseline (a CLIP with its own text tower) goes through the same code as the LLM models.
+Evaluation (DESIGN.md section 7): image-text retrieval R@1/5/10 both ways, zero-shot classification with
+templates, caption-to-caption retrieval. One model per run; the baseline (a CLIP with its own text tower)
+goes through the same code as the LLM models. Two ways to call it:
 
+The papers' benchmarks, several in one call, each with its paper's protocol, printed as the papers' table
+(the folders are what data/<set>/prepare.py wrote; the name before "=" picks the protocol):
+    E=data/eval; python evaluate.py --model=out/llm2clip/model --name=llm2clip --out=out/eval/llm2clip.json \\
+        --benchmarks=flickr30k=$E/flickr30k,coco=$E/coco,sharegpt4v=$E/sharegpt4v,urban1k=$E/urban1k,docci=$E/docci,xm3600=$E/xm3600,imagenet=$E/imagenet \\
+        --caches=flickr30k=out/cache/eval_flickr30k,coco=out/cache/eval_coco   # stage 2, optional, per benchmark
+One manifest with the demo's fields (the settings `manifest` ... `cache` below; `benchmarks` empty):
     python evaluate.py --model=out/demo/base_clip/model --name=base_clip                       # a CLIP
     python evaluate.py --model=out/demo/llm2clip/model --cache=out/demo/cache/llm2clip_test   # stage 2, cached
     python evaluate.py --model=out/demo/llm2clip/model                                        # runs the LLM
     python evaluate.py --model=data/smollm2/hf --out=out/c2c.json                             # an LLM: c2c only
 
 In: `model`, one of three kinds of folder, told apart by their files:
-  * stage 2 (train_stage2.py; adaptor.json + text.json): the ViT (an HF CLIPVisionModelWithProjection
-    folder) and, for text, normalize(adaptor(e)) with e the embedding of the LLM named in text.json
-    (made with its instruction and max length). Caption embeddings come from `cache` (embed_cache.py over
-    `manifest` by that very LLM: fingerprints checked) or from running the LLM; prompts that are not
-    manifest captions (zero-shot) always run it. The LLM is loaded only if some text needs it.
+  * stage 2 (train_stage2.py; adaptor.json + text.json): the image tower (an HF CLIP or SigLIP vision
+    folder, loaded by model.load_image_tower) and, for text, normalize(adaptor(e)) with e the embedding of
+    the LLM named in text.json, made with its instruction, max length and caption template. Caption
+    embeddings come from a cache (embed_cache.py over the same manifest by that very LLM with those very
+    settings: all checked, a mismatch refused) or from running the LLM; prompts that are not manifest
+    captions (zero-shot) always run it. The LLM is loaded only if some text needs it.
   * an HF CLIP folder (model_type "clip", with its tokenizer): the ViT and CLIP's own text tower,
-    inputs truncated to its context like CLIP.
+    inputs truncated to its context like CLIP. (An HF SigLIP folder is refused: model.py has SigLIP's
+    image tower only; a SigLIP model is evaluated as stage 2, its tower plus an adaptor over an LLM.)
   * an HF Llama folder (model_type "llama"): caption-to-caption retrieval only, the stage-1 check, with
-    `instruction` on the queries and not on the gallery, over `c2c_field` of `manifest` and the CuPL set.
-  and a manifest (dataset.py) whose images and caption fields are evaluated, `classes` for zero-shot.
-Out: a table on stdout and `out`: {"name", "model", "results": {metric: percent}, "counts", "config", "seconds"}.
+    `instruction` on the queries and not on the gallery, each caption wrapped in `template`, over
+    `c2c_field` of `manifest` and the CuPL set (single-manifest mode only).
+Out: a table on stdout and `out` (JSON): {"name", "model", "kind", "results": {metric: percent}, "counts",
+  "config", "seconds", ...}. With `benchmarks`, results are named <benchmark>_<metric> (below) and the JSON
+  also holds "benchmarks" (folder, manifest, protocol, cache of each), "avg_of", "seconds_per_benchmark"
+  and "table" (the printed lines).
+
+The benchmarks (BENCHMARKS below; each folder holds the converter's manifest):
+  flickr30k, coco   multi-caption retrieval of field "short" (5 captions an image; COCO's 25,010 kept
+                    ragged): flickr30k_i2t_r1, ..., coco_t2i_r10
+  sharegpt4v, urban1k, docci   strict 1:1 retrieval of field "long": every record must hold exactly one
+                    caption; a record with several is refused, naming the manifest and its line
+                    (sharegpt4v_i2t_r1, ...)
+  xm3600            multi-caption retrieval per language (every caption field is a language):
+                    xm3600_<lang>_i2t_r1, ..., and xm3600_i2t_r1 etc. = the mean over the languages
+  imagenet          zero-shot on val.jsonl's labels, twice: classes_single.json (the one template "a photo
+                    of the {}."): imagenet_single_top1/top5; classes.json (the 80 OpenAI templates,
+                    averaged): imagenet_ensemble_top1/top5
+  avg_i2t_r1, avg_t2i_r1: the mean R@1 over the five English retrieval sets present ("avg_of").
+  Each benchmark's captions are embedded once, for it alone (a field at a time, from its own cache if
+  `caches` names one); the ImageNet prompts once per protocol. Rows of a retrieval set that name the same
+  image file are one image (ShareGPT4V-1k's converter keeps entries that repeat an image): otherwise the
+  two identical embeddings would tie and, ties counting against the query, both would always miss.
+  The table: `Flickr I2T T2I | COCO I2T T2I | ShareGPT4V I2T T2I | Urban-1k I2T T2I | DOCCI I2T T2I |
+  Avg I2T T2I`, then `XM3600 I2T T2I | ImageNet 0-shot* 0-shot`, R@1 and top-1 in percent, "-" where a
+  benchmark was not run. "0-shot*" is the single template and "0-shot" the 80: which of the two the
+  LLM2CLIP paper's asterisk marks could not be confirmed from its text (the asterisk usually marks the
+  non-standard protocol, and 80 templates are CLIP's standard); the printed footnote says what each is.
 
 Protocols (all numbers in percent):
   retrieval, several captions per image (Flickr30k/COCO): image->text is a hit at k if any caption of
     the image is among the k best of all the field's captions; text->image if the caption's image is
     among the k best images. Identical caption strings of a field are one text, a caption of every image
     that has it (the demo's short captions repeat: 1500 captions, 130 distinct strings), so no copy of a
-    string competes with itself. With one caption per image this is plain argmax retrieval.
+    string competes with itself. With one caption per image this is plain argmax retrieval (1:1).
   ties count against the query everywhere: a wrong item scoring >= the best right one ranks ahead of it
     (NaN too), so a collapsed model scores 0, never 100, and no result depends on the order of rows.
   zero-shot: each class name in every template, embedded, normalised, averaged, renormalised; logits
@@ -39,6 +72,7 @@ Protocols (all numbers in percent):
 import json
 import os
 import time
+from collections import namedtuple
 
 import numpy as np
 import torch
@@ -47,10 +81,14 @@ from tqdm import tqdm
 
 import model as M
 from dataset import ImageDataset, caption_rows, check_manifest, collate, read_manifest
-from embed_cache import model_fingerprint, open_cache
+from embed_cache import model_fingerprint, open_cache, read_meta
 
 # -----------------------------------------------------------------------------
 model = ""                       # stage-2 folder, HF CLIP folder, or HF Llama folder (c2c only, the stage-1 check)
+# the papers' benchmarks; when set, the single-manifest settings below (manifest ... cache) are not read
+benchmarks = ""                  # "name=folder,...": flickr30k coco sharegpt4v urban1k docci xm3600 imagenet (BENCHMARKS)
+caches = ""                      # stage 2: "name=folder,...": embed_cache.py over that benchmark's manifest; none = run the LLM
+# one manifest (the demo)
 manifest = "data/fashion/out/test.jsonl"
 retrieval = "short,long"         # caption fields for image-text retrieval
 multilingual = "de"              # caption fields in languages stage 1 taught ("" to skip); their mean is multilingual_*
@@ -59,14 +97,18 @@ classes = "data/fashion/out/classes.json"  # zero-shot: {"classes": [...], "temp
 zeroshot_manifest = "data/fashion/out/zeroshot.jsonl"  # zero-shot on these labelled images ("" = `manifest`'s)
 c2c_field = "long"               # caption-to-caption retrieval within this field ("" to skip)
 cache = ""                       # stage 2: embed_cache.py output over `manifest` by the model's LLM; "" = run the LLM
+# both
 llm = ""                         # stage 2: the LLM folder, if not where text.json says (fingerprint checked)
 cupl = "data/fashion/out/cupl.json"  # Llama mode: {"texts": [...], "group": [...]}; "" to skip
 instruction = "Given a caption, retrieve a similar relevant caption."  # Llama mode: on c2c queries; "" for none
+template = "auto"                # Llama mode: caption template (model.caption_template); stage 2 uses text.json's
 name = ""                        # the row's name in the JSON ("" = the model path)
 max_length = 512                 # Llama mode: tokens per caption (stage 2 uses text.json's)
 batch_size = 64
+num_workers = 0                  # DataLoader processes decoding images (0 = in this process)
 out = "out/eval.json"
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # the LLM's compute dtype
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # the LLM's compute dtype (towers: bf16 autocast on GPUs)
 # -----------------------------------------------------------------------------
 # metrics: pure functions of normalised embeddings
 
@@ -161,6 +203,11 @@ def model_kind(path):
             mt = json.load(f).get("model_type")
         if mt in ("clip", "llama"):
             return mt
+        if mt in ("siglip", "siglip_vision_model"):
+            raise ValueError(f"model={path!r}: an HF SigLIP folder (model_type {mt!r}). evaluate.py does not evaluate a "
+                             f"SigLIP model with its own text tower (model.py implements SigLIP's image tower only); "
+                             f"a SigLIP model is evaluated as a stage-2 model: its image tower plus an adaptor over an "
+                             f"LLM (train_stage2.py's output folder, with adaptor.json and text.json)")
     found = f"config.json has model_type {mt!r}" if os.path.isfile(cfg_path) else \
         ("not a directory" if not os.path.isdir(path) else "no config.json")
     raise ValueError(f"model={path!r}: not a model folder evaluate.py knows ({found}); expected a stage-2 "
@@ -186,7 +233,7 @@ def split(fields):
     return [f for f in fields.split(",") if f]
 
 # -----------------------------------------------------------------------------
-# the text side of each kind of model: texts -> embeddings in the joint space, and the manifest's fields
+# the text side of each kind of model: texts -> embeddings in the joint space, and a manifest's fields
 
 def _chunks(texts, size, desc):
     starts = range(0, len(texts), size)
@@ -195,31 +242,32 @@ def _chunks(texts, size, desc):
 class CLIPText:
     """CLIP's own text tower: texts truncated to its context like CLIP."""
 
-    def __init__(self, path, records, device):
+    def __init__(self, path, device):
         self.tower = M.CLIPTextTower.from_pretrained(path).to(device).eval()
-        self.tok, self.records, self.device = M.load_tokenizer(path), records, device
+        self.tok, self.device, self.template = M.load_tokenizer(path), device, None
 
     @torch.no_grad()
     def __call__(self, texts):
         out = []
         for s in _chunks(texts, batch_size, "text tower"):
             ids, mask = self.tower.tokenize(self.tok, texts[s:s + batch_size])
-            with torch.autocast("cuda", torch.bfloat16, enabled=self.device == "cuda"):
+            with torch.autocast("cuda", torch.bfloat16, enabled=self.device.startswith("cuda")):
                 e = self.tower(ids.to(self.device), mask.to(self.device))
             out.append(F.normalize(e.float(), dim=-1))
         return torch.cat(out)
 
-    def field(self, f):
+    def field(self, man, f, cache_dir=""):
         """(None: no LLM, joint embeddings) of the field's captions in caption_rows order."""
-        return None, self(caption_rows(self.records, f)[0])
+        return None, self(caption_rows(man, f)[0])
 
 class StageTwoText:
-    """normalize(adaptor(e)), e the LLM's normalised mean-pooled embedding: read from the cache for the
+    """normalize(adaptor(e)), e the LLM's normalised mean-pooled embedding: read from a cache for a
     manifest's captions when there is one, else computed by the LLM (loaded on first use)."""
 
-    def __init__(self, path, records, device):
+    def __init__(self, path, device):
         with open(os.path.join(path, "text.json")) as f:
-            self.info = json.load(f)
+            self.info = {"template": "", **json.load(f)}  # a text.json from before templates: no wrap
+        self.path, self.template = path, self.info["template"]
         self.llm_path = llm or self.info["llm"]
         if not os.path.isdir(self.llm_path):
             raise FileNotFoundError(f"{self.llm_path}: the LLM of {path}/text.json is not there; pass --llm=<its folder>")
@@ -227,22 +275,21 @@ class StageTwoText:
         if model_fingerprint(self.llm_path) != self.info["llm_sha256"]:
             raise ValueError(f"{self.llm_path}: not the LLM {path} was trained with "
                              f"(its fingerprint differs from llm_sha256 in {path}/text.json)")
-        if cache:
-            meta_path = os.path.join(cache, "meta.json")
-            if not os.path.isfile(meta_path):
-                raise FileNotFoundError(f"{cache}: no meta.json (run embed_cache.py first)")
-            with open(meta_path) as f:
-                meta = json.load(f)
-            for key in ("instruction", "max_length"):
-                if meta.get(key) != self.info[key]:
-                    raise ValueError(f"{cache}: embedded with {key} {meta.get(key)!r}, but {path} was trained on "
-                                     f"embeddings with {key} {self.info[key]!r} ({path}/text.json)")
         self.adaptor = M.Adaptor.from_pretrained(path).to(device).eval()
-        self.records, self.device, self.llm = records, device, None
+        self.device, self.llm = device, None
 
-    def open_field(self, f):
+    def check_cache(self, cache_dir):
+        """The cache's embeddings must be made as the adaptor's training embeddings were: the same
+        instruction, max length and caption template (the LLM and the captions: open_field)."""
+        meta = {"template": "", **read_meta(cache_dir)}  # a cache from before templates: no wrap
+        for key in ("instruction", "max_length", "template"):
+            if meta.get(key) != self.info[key]:
+                raise ValueError(f"{cache_dir}: embedded with {key} {meta.get(key)!r}, but {self.path} was trained on "
+                                 f"embeddings with {key} {self.info[key]!r} ({self.path}/text.json)")
+
+    def open_field(self, cache_dir, man, f):
         """The cache's (N, D) float16 rows of field f, checked against this LLM and the manifest's captions."""
-        return open_cache(cache, f, self.llm_path, self.records)
+        return open_cache(cache_dir, f, self.llm_path, man)
 
     def llm_embed(self, texts):
         if self.llm is None:
@@ -250,42 +297,49 @@ class StageTwoText:
             self.tok = M.load_tokenizer(self.llm_path)
         chunk = 16 * batch_size
         return torch.cat([M.embed_texts(self.llm, self.tok, texts[s:s + chunk], self.info["instruction"],
-                                        self.info["max_length"], batch_size)
+                                        self.info["max_length"], batch_size, self.template)
                           for s in _chunks(texts, chunk, "LLM")])
 
     @torch.no_grad()
     def joint(self, e):
-        with torch.autocast("cuda", torch.bfloat16, enabled=self.device == "cuda"):
+        with torch.autocast("cuda", torch.bfloat16, enabled=self.device.startswith("cuda")):
             return F.normalize(self.adaptor(e.to(self.device)).float(), dim=-1)
 
     def __call__(self, texts):
         return self.joint(self.llm_embed(texts))
 
-    def field(self, f):
+    def field(self, man, f, cache_dir=""):
         """(LLM embeddings, joint embeddings) of the field's captions in caption_rows order."""
-        if cache:  # float16 rows, renormalised in fp32
-            e = F.normalize(torch.from_numpy(np.asarray(self.open_field(f), dtype=np.float32)), dim=-1)
+        if cache_dir:  # float16 rows, renormalised in fp32
+            e = F.normalize(torch.from_numpy(np.asarray(self.open_field(cache_dir, man, f), dtype=np.float32)), dim=-1)
         else:
-            e = self.llm_embed(caption_rows(self.records, f)[0])
+            e = self.llm_embed(caption_rows(man, f)[0])
         e = e.to(self.device)
         return e, self.joint(e)
 
 @torch.no_grad()
-def image_embeddings(vit, path, records, device):
-    """(N_img, D) L2-normalised, in the order of the manifest at `path`."""
-    ds = ImageDataset(path, size=vit.config.image_size, train=False, records=records)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=0)
+def image_embeddings(tower, man, device, rows=None):
+    """(N, D) L2-normalised embeddings of the images of a Manifest (or of its records `rows`), in order,
+    each preprocessed as its tower expects (CLIP: shortest side and centre crop; SigLIP: a square resize)."""
+    ds = ImageDataset(man, preprocess=tower.preprocess, train=False)
+    if rows is not None:
+        ds = torch.utils.data.Subset(ds, rows)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
     out = []
     for pixels, _, _ in tqdm(loader, desc="images", leave=False):
-        with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
-            e = vit(pixels.to(device))
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
+            e = tower(pixels.to(device))
         out.append(F.normalize(e.float(), dim=-1))
     return torch.cat(out)
 
+def text_side(kind, device):
+    return (StageTwoText if kind == "stage2" else CLIPText)(model, device)
+
 # -----------------------------------------------------------------------------
+# one manifest (the demo's fields)
 
 def evaluate_towers(kind, device):
-    """Retrieval, zero-shot and c2c of a stage-2 model or a CLIP: (results, counts)."""
+    """Retrieval, zero-shot and c2c of a stage-2 model or a CLIP over `manifest`: (results, counts)."""
     fields, langs, unseen = split(retrieval), split(multilingual), split(multilingual_unseen)
     zs = read_classes(classes) if classes else None  # bad input fails before any model is loaded
     need = list(dict.fromkeys(fields + langs + unseen + split(c2c_field)))
@@ -297,16 +351,17 @@ def evaluate_towers(kind, device):
         if bad:
             raise ValueError(f"{zs_manifest}:{bad[0]}: label {zs_records[bad[0] - 1]['label']} is not a class of {classes} "
                              f"(0..{len(zs[0]) - 1}; {len(bad)} such lines)")
-    text = (StageTwoText if kind == "stage2" else CLIPText)(model, records, device)
+    text = text_side(kind, device)
     if kind == "stage2" and cache:
+        text.check_cache(cache)
         for f in need:  # every cache check before the slow part
-            text.open_field(f)
-    vit = M.ViT.from_pretrained(model).to(device).eval()
-    img = image_embeddings(vit, manifest, records, device)
+            text.open_field(cache, records, f)
+    tower = M.load_image_tower(model).to(device).eval()
+    img = image_embeddings(tower, records, device)
     memo = {}
     def field(f):  # (LLM embeddings or None, joint embeddings) of a field, computed once
         if f not in memo:
-            memo[f] = text.field(f)
+            memo[f] = text.field(records, f, cache)
         return memo[f]
     results, counts = {}, {"images": len(records)}
     for f in fields + langs + unseen:
@@ -321,7 +376,7 @@ def evaluate_towers(kind, device):
             results[f"{key}_{d}_r1"] = sum(results[f"{f}_{d}_r1"] for f in group) / len(group)
     if zs:
         class_emb = zeroshot_classifier(text, *zs)
-        zs_img = img if zs_manifest == manifest else image_embeddings(vit, zs_manifest, zs_records, device)
+        zs_img = img if zs_manifest == manifest else image_embeddings(tower, zs_records, device)
         results.update(zeroshot_accuracy(zs_img, class_emb, [r["label"] for r in zs_records]))
         counts["zeroshot_images"] = len(zs_records)
     if c2c_field:
@@ -333,12 +388,15 @@ def evaluate_towers(kind, device):
     return results, counts
 
 def evaluate_llm(device):
-    """The stage-1 check: caption-to-caption top-1 of an LLM, the instruction on queries only."""
+    """The stage-1 check: caption-to-caption top-1 of an LLM, the instruction on queries only, every
+    caption wrapped in the caption template (resolved here, from the LLM's tokenizer)."""
     net = M.Llama.from_pretrained(model, dtype=getattr(torch, dtype)).to(device).eval()
     tok = M.load_tokenizer(model)
+    tmpl = M.caption_template(tok, template)
+    print(f"caption template {template!r}: " + (repr(tmpl) if tmpl else "none (captions as given)"))
     def c2c(texts, group):
-        q = M.embed_texts(net, tok, texts, instruction, max_length, batch_size)
-        g = M.embed_texts(net, tok, texts, "", max_length, batch_size) if instruction else q
+        q = M.embed_texts(net, tok, texts, instruction, max_length, batch_size, tmpl)
+        g = M.embed_texts(net, tok, texts, "", max_length, batch_size, tmpl) if instruction else q
         return c2c_top1(q, g, group)
     results, counts = {}, {}
     if c2c_field:
@@ -350,24 +408,206 @@ def evaluate_llm(device):
             c = json.load(f)
         results["c2c_top1_cupl"] = c2c(c["texts"], c["group"])
         counts["cupl"] = len(c["texts"])
+    return results, counts, tmpl
+
+# -----------------------------------------------------------------------------
+# the papers' benchmarks
+
+Bench = namedtuple("Bench", "file protocol field column")
+BENCHMARKS = {  # name -> (manifest in the converter's folder, protocol, caption field, the table's column)
+    "flickr30k": Bench("test.jsonl", "multi", "short", "Flickr"),
+    "coco": Bench("test.jsonl", "multi", "short", "COCO"),
+    "sharegpt4v": Bench("test.jsonl", "1:1", "long", "ShareGPT4V"),
+    "urban1k": Bench("test.jsonl", "1:1", "long", "Urban-1k"),
+    "docci": Bench("test.jsonl", "1:1", "long", "DOCCI"),
+    "xm3600": Bench("test.jsonl", "languages", "", "XM3600"),  # every caption field is a language
+    "imagenet": Bench("val.jsonl", "zeroshot", "", "ImageNet"),  # + classes.json, classes_single.json
+}
+AVG_OF = ("flickr30k", "coco", "sharegpt4v", "urban1k", "docci")  # the Avg columns average these
+
+def name_map(setting, what):
+    """"a=x,b=y" -> {"a": "x", "b": "y"}: names of BENCHMARKS, each once."""
+    out = {}
+    for item in split(setting):
+        key, eq, value = item.partition("=")
+        if not eq or not value:
+            raise ValueError(f"{what}={setting!r}: {item!r} is not name=folder")
+        if key not in BENCHMARKS:
+            raise ValueError(f"{what}: unknown benchmark {key!r} (known: {', '.join(BENCHMARKS)})")
+        if key in out:
+            raise ValueError(f"{what}: benchmark {key!r} named twice")
+        out[key] = value
+    return out
+
+def open_benchmark(bname, folder):
+    """Check a benchmark's files before any model loads: {"man", "path", "fields"} (+ "single" and
+    "ensemble" zero-shot specs for imagenet). A 1:1 set with an image of several captions is refused."""
+    b = BENCHMARKS[bname]
+    path = os.path.join(folder, b.file)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{bname}={folder}: no {b.file} there (run data/{bname}/prepare.py --out={folder})")
+    if b.protocol == "zeroshot":
+        man = check_manifest(path, decode=False, label=True)
+        labels, specs = np.asarray(man.labels), {}
+        for key, file in (("single", "classes_single.json"), ("ensemble", "classes.json")):
+            specs[key] = read_classes(os.path.join(folder, file))
+            bad = np.flatnonzero(labels >= len(specs[key][0]))
+            if len(bad):
+                raise ValueError(f"{path}:{bad[0] + 1}: label {labels[bad[0]]} is not a class of {folder}/{file} "
+                                 f"(0..{len(specs[key][0]) - 1}; {len(bad)} such line(s))")
+        return dict(man=man, path=path, fields=[], **specs)
+    if b.protocol == "languages":
+        man = check_manifest(path, decode=False)
+        fields = sorted(man.fields)
+        if not fields:
+            raise ValueError(f"{path}: no caption fields (XM3600's are its language codes)")
+        man.require(fields=fields)  # every image has every language
+    else:
+        fields = [b.field]
+        man = check_manifest(path, fields=fields, decode=False)
+    if b.protocol == "1:1":  # strict: exactly one caption per record, or the protocol is not the paper's
+        n = np.diff(np.asarray(man.ptr(b.field)))
+        bad = np.flatnonzero(n != 1)
+        if len(bad):
+            raise ValueError(f"{path}:{bad[0] + 1}: {bname} is scored 1:1 (one caption per image, plain argmax) but "
+                             f"this image has {n[bad[0]]} captions in field {b.field!r} ({len(bad)} such line(s)); "
+                             f"convert it with data/{bname}/prepare.py, which writes one caption per image")
+    return dict(man=man, path=path, fields=fields)
+
+def distinct_images(man):
+    """(the first record of each distinct image file, the distinct image of every record)."""
+    where, first, of = {}, [], []
+    for i in range(len(man)):
+        p = os.path.normpath(os.path.join(man.root, man[i]["image"]))
+        if p not in where:
+            where[p] = len(first)
+            first.append(i)
+        of.append(where[p])
+    return first, np.asarray(of, dtype=np.int64)
+
+def run_benchmark(bname, bench, text, tower, device, cache_dir):
+    """One benchmark with its protocol: (results named <bname>_<metric>, counts)."""
+    b, man = BENCHMARKS[bname], bench["man"]
+    results, counts = {}, {"protocol": b.protocol, "images": len(man)}
+    if b.protocol == "zeroshot":
+        img = image_embeddings(tower, man, device)
+        for key in ("single", "ensemble"):  # each protocol's prompts embedded once
+            names, templates = bench[key]
+            r = zeroshot_accuracy(img, zeroshot_classifier(text, names, templates), np.array(man.labels))
+            results.update({f"{bname}_{key}_{k.split('_', 1)[1]}": v for k, v in r.items()})
+            counts[f"{key}_templates"] = len(templates)
+        counts["classes"] = len(bench["ensemble"][0])
+        return results, counts
+    first, image_of = distinct_images(man)  # rows naming the same file are one image
+    counts["distinct_images"] = len(first)
+    img = image_embeddings(tower, man, device, first)
+    for f in bench["fields"]:
+        texts, image = caption_rows(man, f)
+        rows, owners = distinct_captions(texts, image_of[image])
+        _, joint = text.field(man, f, cache_dir)
+        r = retrieval_recall(img, joint[torch.as_tensor(rows, device=joint.device)], owners)
+        prefix = f"{bname}_{f}" if b.protocol == "languages" else bname
+        results.update({f"{prefix}_{k}": v for k, v in r.items()})
+        counts[f] = {"captions": len(texts), "distinct": len(rows)}
+    if b.protocol == "languages":  # the mean over languages
+        for k in r:
+            results[f"{bname}_{k}"] = sum(results[f"{bname}_{f}_{k}"] for f in bench["fields"]) / len(bench["fields"])
+        counts["languages"] = bench["fields"]
     return results, counts
+
+def paper_table(results):
+    """The papers' layout, R@1 (top-1 for ImageNet) in percent, "-" where a benchmark did not run: lines."""
+    def block(groups):  # groups: (name, (sub-heading, key), (sub-heading, key))
+        val = lambda k: f"{results[k]:.1f}" if k in results else "-"  # noqa: E731
+        return [" | ".join(f"{name:<15}" for name, _, _ in groups).rstrip(),
+                " | ".join(f"{a:<7} {b:<7}" for _, (a, _), (b, _) in groups).rstrip(),
+                " | ".join(f"{val(ka):<7} {val(kb):<7}" for _, (_, ka), (_, kb) in groups).rstrip()]
+    r1 = lambda col, key: (col, ("I2T", f"{key}_i2t_r1"), ("T2I", f"{key}_t2i_r1"))  # noqa: E731
+    return (block([r1(BENCHMARKS[b].column, b) for b in AVG_OF] + [r1("Avg", "avg")]) + [""] +
+            block([r1("XM3600", "xm3600"),
+                   ("ImageNet", ("0-shot*", "imagenet_single_top1"), ("0-shot", "imagenet_ensemble_top1"))]))
+
+def evaluate_benchmarks(kind, device):
+    """Every benchmark of `benchmarks`, one after the other: (results, counts, extra JSON)."""
+    if kind == "llama":
+        raise ValueError(f"benchmarks: {model} is an LLM (caption-to-caption only); the benchmarks need an "
+                         f"image tower and a text side (a stage-2 folder or an HF CLIP folder)")
+    folders, cache_dirs = name_map(benchmarks, "benchmarks"), name_map(caches, "caches")
+    for bname in cache_dirs:
+        if bname not in folders:
+            raise ValueError(f"caches: {bname!r} is not among the benchmarks ({', '.join(folders)})")
+        if BENCHMARKS[bname].protocol == "zeroshot":
+            raise ValueError(f"caches: {bname} has no captions to cache (its prompts always run the LLM); drop it")
+    bench = {bname: open_benchmark(bname, folder) for bname, folder in folders.items()}  # inputs first
+    text = text_side(kind, device)
+    for bname, d in cache_dirs.items():  # every cache check before the slow part
+        text.check_cache(d)
+        for f in bench[bname]["fields"]:
+            text.open_field(d, bench[bname]["man"], f)
+    tower = M.load_image_tower(model).to(device).eval()
+    results, counts, seconds = {}, {}, {}
+    for bname in folders:
+        t0 = time.time()
+        r, counts[bname] = run_benchmark(bname, bench[bname], text, tower, device, cache_dirs.get(bname, ""))
+        results.update(r)
+        seconds[bname] = time.time() - t0
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k.endswith(("_r1", "_top1")) and
+                          (BENCHMARKS[bname].protocol != "languages" or k.count("_") == 2))
+        print(f"{bname} ({BENCHMARKS[bname].protocol}, {len(bench[bname]['man'])} images, {seconds[bname]:.0f}s): {shown}")
+    avg_of = [b for b in AVG_OF if b in folders]
+    for d in ("i2t", "t2i") if avg_of else ():
+        results[f"avg_{d}_r1"] = sum(results[f"{b}_{d}_r1"] for b in avg_of) / len(avg_of)
+    info = {b: dict(folder=folders[b], manifest=bench[b]["path"], protocol=BENCHMARKS[b].protocol,
+                    cache=cache_dirs.get(b, "")) for b in folders}
+    n80 = counts.get("imagenet", {}).get("ensemble_templates", 80)
+    table = paper_table(results) + [
+        "", "R@1 in percent (ImageNet: top-1); -: not run. Avg: the mean over " +
+        (", ".join(BENCHMARKS[b].column for b in avg_of) if avg_of else "none (no English retrieval set ran)") + "."]
+    if "xm3600" in counts:
+        table.append(f"XM3600: the mean over its {len(counts['xm3600']['languages'])} languages (each one's in the JSON).")
+    table.append(f"ImageNet 0-shot*: the single template \"a photo of the {{}}.\" (classes_single.json); 0-shot: the "
+                 f"{n80} templates of classes.json, averaged.")
+    return results, counts, dict(benchmarks=info, avg_of=avg_of, seconds_per_benchmark=seconds, table=table)
+
+# -----------------------------------------------------------------------------
+
+def main(config):
+    from configurator import check
+    check(config, positive=("batch_size", "max_length"), nonnegative=("num_workers",),
+          choices={"dtype": ("float32", "bfloat16", "float16")}, files=("out",),
+          rules=[(model != "", "model='': name a stage-2, HF CLIP or HF Llama folder")])
+    t0 = time.time()
+    kind = model_kind(model)
+    if (cache or llm or caches) and kind != "stage2":
+        raise ValueError(f"--cache, --caches and --llm are for stage-2 models; {model} is an HF {kind} folder")
+    if cache and benchmarks:
+        raise ValueError("cache is the single-manifest mode's; with benchmarks, name each benchmark's cache in "
+                         "caches=<benchmark>=<folder>,...")
+    extra = {}
+    if benchmarks:
+        results, counts, extra = evaluate_benchmarks(kind, device)
+    elif kind == "llama":
+        results, counts, extra["template"] = evaluate_llm(device)
+    else:
+        results, counts = evaluate_towers(kind, device)
+    if kind == "stage2":
+        extra["template"] = json.load(open(os.path.join(model, "text.json"))).get("template", "")
+    if benchmarks:
+        print(f"\n{name or model} ({kind})")
+        print("\n".join(extra["table"]))
+    else:
+        print(f"{name or model} ({kind}): " + ", ".join(
+            f"{k} {v}" if isinstance(v, int) else f"{k} {v['captions']} captions ({v['distinct']} distinct)"
+            for k, v in counts.items()))
+        print(f"{'metric':<24} {'%':>7}")
+        for k, v in results.items():  # in the order computed: retrieval per field, multilingual, zero-shot, c2c
+            print(f"{k:<24} {v:7.2f}")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    M.write_json(out, {"name": name or model, "model": model, "kind": kind, "results": results, "counts": counts,
+                       **extra, "config": config, "seconds": time.time() - t0})
+    print(f"wrote {out} ({time.time() - t0:.0f}s)")
+    return results
 
 if __name__ == "__main__":
     from configurator import configure
-    config = configure(globals())
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    t0 = time.time()
-    kind = model_kind(model)
-    if (cache or llm) and kind != "stage2":
-        raise ValueError(f"--cache and --llm are for stage-2 models; {model} is an HF {kind} folder")
-    results, counts = evaluate_llm(device) if kind == "llama" else evaluate_towers(kind, device)
-    print(f"{name or model} ({kind}): " + ", ".join(
-        f"{k} {v}" if isinstance(v, int) else f"{k} {v['captions']} captions ({v['distinct']} distinct)"
-        for k, v in counts.items()))
-    print(f"{'metric':<24} {'%':>7}")
-    for k, v in results.items():  # in the order computed: retrieval per field, multilingual, zero-shot, c2c
-        print(f"{k:<24} {v:7.2f}")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    M.write_json(out, {"name": name or model, "model": model, "results": results, "counts": counts,
-                       "config": config, "seconds": time.time() - t0})
-    print(f"wrote {out} ({time.time() - t0:.0f}s)")
+    main(configure(globals()))

@@ -1,7 +1,11 @@
 """evaluate.py: its metrics on data with known answers and against plain-loop references (exact ties
 included), and the script end to end on tiny random models with real image files: a stage-2 folder with
 and without the embedding cache (same numbers, and the numbers of an independent computation), a CLIP
-folder, an LLM folder, and the refusals (a cache of another LLM, a bad classes file, an unknown folder)."""
+folder, an LLM folder, and the refusals (a cache of another LLM, a bad classes file, an unknown folder).
+The caption template through the scripts, on a tiny LLM with SmolLM2's chat tokens: embed_cache.py records
+the resolved string (and --template=none writes the bytes it wrote before templates existed), stage 2
+carries it into text.json, evaluate.py wraps with it and refuses a cache made with another, stage 1 wraps
+queries and keys, the LLM mode wraps c2c captions. (The benchmark mode: tests/test_benchmarks.py.)"""
 
 import json
 import math
@@ -16,11 +20,12 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import model as M
-from dataset import eval_transform
+from chat_tokenizers import chatml_tokenizer
+from dataset import Manifest, eval_transform
 from embed_cache import model_fingerprint
 from evaluate import (c2c_top1, distinct_captions, model_kind, read_classes, retrieval_recall, zeroshot_accuracy,
                       zeroshot_classifier)
-from tiny import WORDS, run_script, tiny_clip, tiny_llm, write_images
+from tiny import ROOT, WORDS, run_script, tiny_clip, tiny_llm, write_images
 
 
 # -----------------------------------------------------------------------------
@@ -216,9 +221,10 @@ def test_model_kind(tmp_path):
 
 N, CLASSES, TEMPLATES = 12, ["shirt", "dress", "bag", "coat"], ["a {}", "a small {} on the left"]
 
-def tiny_stage2(folder, clip, llm, method="llm2clip", seed=0):
+def tiny_stage2(folder, clip, llm, method="llm2clip", seed=0, template=""):
     """A stage-2 folder as train_stage2.py exports it: tiny_clip's ViT (+ logit_scale) as an HF
-    CLIPVisionModelWithProjection folder, a random adaptor, text.json naming the LLM."""
+    CLIPVisionModelWithProjection folder, a random adaptor, text.json naming the LLM (and the resolved
+    caption template its embeddings were made with)."""
     os.makedirs(folder, exist_ok=True)
     vit = M.ViT.from_pretrained(clip)
     sd = {k: v.contiguous() for k, v in vit.state_dict().items()}
@@ -227,7 +233,7 @@ def tiny_stage2(folder, clip, llm, method="llm2clip", seed=0):
     torch.manual_seed(seed)
     M.Adaptor.for_method(method, M.Llama.from_pretrained(llm).config.hidden_size, vit.config.projection_dim).save_pretrained(folder)
     M.write_json(os.path.join(folder, "text.json"), dict(llm=llm, llm_sha256=model_fingerprint(llm), instruction="",
-                                                           max_length=512, method=method))
+                                                           max_length=512, template=template, method=method))
     return str(folder)
 
 def write_eval_manifest(folder):
@@ -353,3 +359,114 @@ def test_refusals(tiny):
     unlabelled.write_text("\n".join(lines[:2] + [json.dumps(rec)] + lines[3:]) + "\n")
     r = evaluate(tiny, "x", check=False, model=tiny["clip"], manifest=unlabelled)
     assert r.returncode != 0 and f"{unlabelled}: 1 fault(s)" in r.stderr and "line 3: missing key 'label'" in r.stderr, r.stderr[-2000:]
+
+# -----------------------------------------------------------------------------
+# caption templates through the scripts (a tiny LLM whose vocabulary has SmolLM2's ChatML tokens)
+
+CHATML = "<|im_start|>user\n{}<|im_end|>"  # what "auto" must resolve to for it (written out, not imported)
+
+def tiny_chat_llm(path, seed=0):
+    """tiny_llm's shape with a ChatML tokenizer (tests/chat_tokenizers.py)."""
+    import transformers
+    vocab = chatml_tokenizer(str(path))
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaModel(cfg).save_pretrained(path)
+    return str(path)
+
+@pytest.fixture(scope="module")
+def chat(tiny):
+    """The chat LLM and its caches of the test manifest, made with template auto and none."""
+    d = tiny["dir"] / "chat"
+    llm = tiny_chat_llm(d / "llm")
+    for t in ("auto", "none"):
+        run("embed_cache.py", model=llm, manifest=tiny["manifest"], out_dir=d / f"cache_{t}", template=t, batch_size=4)
+    return dict(dir=d, llm=llm, caches={t: str(d / f"cache_{t}") for t in ("auto", "none")})
+
+def cache_run(tiny, chat, out, check=True, **kw):
+    return run("embed_cache.py", check=check, model=chat["llm"], manifest=tiny["manifest"], out_dir=out, batch_size=4, **kw)
+
+def test_cache_records_the_resolved_template(tiny, chat):
+    meta = {t: json.load(open(os.path.join(chat["caches"][t], "meta.json"))) for t in ("auto", "none")}
+    assert meta["auto"]["template"] == CHATML and meta["none"]["template"] == ""
+    assert json.load(open(os.path.join(tiny["cache"], "meta.json")))["template"] == ""  # no chat tokens: no wrap
+    r = cache_run(tiny, chat, chat["caches"]["auto"], check=False, template="none")  # resume with another template
+    assert r.returncode != 0 and "an existing cache made with other template" in r.stderr, r.stderr[-2000:]
+    old = chat["dir"] / "cache_old"  # a meta.json from before templates: no key, which reads as no wrap
+    shutil.copytree(chat["caches"]["none"], old)
+    M.write_json(str(old / "meta.json"), {k: v for k, v in meta["none"].items() if k != "template"})
+    assert "complete already" in cache_run(tiny, chat, old, template="none").stdout
+    r = cache_run(tiny, chat, old, check=False, template="auto")
+    assert r.returncode != 0 and "an existing cache made with other template" in r.stderr, r.stderr[-2000:]
+
+REFERENCE = """import sys
+sys.path.insert(0, {root!r})
+import numpy as np, torch
+import model as M
+from dataset import Manifest
+llm, tok, man = M.Llama.from_pretrained({llm!r}).eval(), M.load_tokenizer({llm!r}), Manifest({manifest!r})
+for f in man.fields:  # the call embed_cache.py made before templates existed (one chunk per field here)
+    np.save({out!r} + "/" + f + ".npy", M.embed_texts(llm, tok, man.texts(f), "", 512, 4).to(torch.float16).numpy())
+"""
+
+def test_template_none_writes_the_bytes_of_before(tiny, chat, tmp_path):
+    script = tmp_path / "reference.py"
+    script.write_text(REFERENCE.format(root=ROOT, llm=chat["llm"], manifest=tiny["manifest"], out=str(tmp_path)))
+    run(str(script))  # a process of its own with one thread, as embed_cache.py's
+    for f in ("short", "long", "de"):
+        before = np.load(tmp_path / f"{f}.npy")
+        none = np.load(os.path.join(chat["caches"]["none"], f"{f}.npy"))
+        assert none.tobytes() == before.tobytes(), f
+        auto = np.load(os.path.join(chat["caches"]["auto"], f"{f}.npy")).astype(np.float32)
+        assert np.abs(auto - before.astype(np.float32)).max() > 1e-2  # the wrap changes the embeddings
+
+def test_stage2_template_from_text_json_must_match_the_cache(tiny, chat):
+    import evaluate as E
+    s2 = tiny_stage2(chat["dir"] / "stage2", tiny["clip"], chat["llm"], template=CHATML)
+    text = E.StageTwoText(s2, "cpu")
+    e = text.llm_embed(Manifest(tiny["manifest"]).texts("long")).numpy()  # the LLM path wraps as text.json says
+    np.testing.assert_allclose(e, np.load(os.path.join(chat["caches"]["auto"], "long.npy")).astype(np.float32), atol=2e-3)
+    assert np.abs(e - np.load(os.path.join(chat["caches"]["none"], "long.npy")).astype(np.float32)).max() > 1e-2
+    text.check_cache(chat["caches"]["auto"])
+    r = evaluate(tiny, "x", check=False, model=s2, cache=chat["caches"]["none"])
+    assert r.returncode != 0 and f"embedded with template '', but {s2} was trained on embeddings with template " \
+        f"{CHATML!r}" in r.stderr, r.stderr[-2000:]
+    plain = tiny_stage2(chat["dir"] / "stage2_plain", tiny["clip"], chat["llm"])  # text.json without a template
+    r = evaluate(tiny, "x", check=False, model=plain, cache=chat["caches"]["auto"])
+    assert r.returncode != 0 and f"embedded with template {CHATML!r}, but" in r.stderr, r.stderr[-2000:]
+
+def test_stage2_training_carries_the_caches_template(tiny, chat, tmp_path):
+    run("train_stage2.py", method="llm2clip", manifest=tiny["manifest"], clip=tiny["clip"], llm=chat["llm"],
+        cache=chat["caches"]["auto"], out_dir=tmp_path / "s2", batch_size=4, max_steps=1, warmup_steps=0,
+        embed_dim=16, num_workers=0, log_interval=1)
+    info = json.load(open(tmp_path / "s2" / "model" / "text.json"))
+    assert info["template"] == CHATML and info["instruction"] == "" and info["max_length"] == 512
+    res, _ = evaluate(tiny, "chat_stage2", model=tmp_path / "s2" / "model", cache=chat["caches"]["auto"])
+    assert res["template"] == CHATML and "short_i2t_r1" in res["results"]
+
+def test_llm_mode_wraps_the_c2c_captions(tiny, chat):
+    auto, r = evaluate(tiny, "chat_llm", model=chat["llm"], cupl="")
+    none, _ = evaluate(tiny, "chat_llm_none", model=chat["llm"], cupl="", template="none")
+    assert auto["template"] == CHATML and none["template"] == "" and "caption template 'auto': " in r.stdout
+    llm, tok = M.Llama.from_pretrained(chat["llm"]).eval(), M.load_tokenizer(chat["llm"])
+    records = [json.loads(line) for line in open(tiny["manifest"])]
+    texts = [t for r in records for t in r["captions"]["long"]]
+    group = [i for i, r in enumerate(records) for _ in r["captions"]["long"]]
+    instruction = auto["config"]["instruction"]
+    for res, tmpl in ((auto, CHATML), (none, "")):
+        q, g = M.embed_texts(llm, tok, texts, instruction, template=tmpl), M.embed_texts(llm, tok, texts, template=tmpl)
+        assert res["results"]["c2c_top1_long"] == pytest.approx(brute_force_c2c(q, g, group), abs=1e-6)
+
+def test_stage1_wraps_queries_and_keys(tiny, chat, monkeypatch):
+    import train_stage1 as S1
+    calls, tokenize = [], M.tokenize_for_embedding
+    def recording(tok, texts, instruction="", max_length=512, template=""):
+        calls.append((instruction, template))
+        return tokenize(tok, texts, instruction, max_length, template)
+    monkeypatch.setattr(M, "tokenize_for_embedding", recording)
+    llm, tok = M.Llama.from_pretrained(chat["llm"]), M.load_tokenizer(chat["llm"])
+    records = [json.loads(line) for line in open(tiny["manifest"])]
+    loss = S1.llm2clip_step(llm, tok, M.caption_template(tok, S1.template), records, list(range(4)),
+                            np.random.default_rng(0), slice(0, 4), "cpu")
+    assert calls == [(S1.instruction, CHATML), ("", CHATML)] and torch.isfinite(loss)
