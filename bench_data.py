@@ -335,6 +335,7 @@ def main():
 
 
 if __name__ == "__main__":
-    from configurator import configure
+    from configurator import check, configure
     configure(globals())
+    check(globals(), positive=("steps", "batch_size", "decode_seconds"), nonnegative=("num_workers",), folders=("work",))
     main()

@@ -104,8 +104,10 @@ def timed(fn, *args):
     return time.perf_counter() - t0, out
 
 if __name__ == "__main__":
-    from configurator import configure
+    from configurator import check, configure
     configure(globals())
+    check(globals(), positive=("batch_size", "n_batches", "repeats", "max_len"),
+          choices={"dtype": ("float32", "bfloat16", "float16")})
     torch.set_grad_enabled(False)
     ours, hf, tok, vocab = build()
     data = batches(tok, vocab)

@@ -1,6 +1,7 @@
 """
-The one data module: the JSONL manifest and its index, the check, CLIP preprocessing, the image Dataset,
-the caption row order shared with the embedding cache, and the CuPL descriptions of clip-benchmark.
+The one data module: the JSONL manifest and its index, the check, image-tower preprocessing (CLIP's and
+SigLIP's, as model.ImagePreprocess describes it), the image Dataset, the caption row order shared with the
+embedding cache, and the CuPL descriptions of clip-benchmark.
 
 Manifest (DESIGN.md section 6): JSONL, one image per line, record i on line i + 1 (no blank lines, so
 a line number and a row index are the same thing, off by one):
@@ -59,13 +60,14 @@ preprocessing does (so train and eval see what the pretrained model saw).
     man.rows("long", 3)                 # its rows in the embedding cache's long.npy
     man.text("long", 17)                # the caption of row 17
     man.texts("long", 0, 2048)          # rows 0..2047, one read of the lines that hold them
-    ds = ImageDataset(man, size=64, train=True, seed=1337)
+    ds = ImageDataset(man, preprocess=tower.preprocess, train=True, seed=1337)  # the tower's (model.load_image_tower)
+    ds = ImageDataset(man, size=64)     # CLIP's preprocessing at 64, eval
     check_manifest("m.jsonl", fields=["short"], decode=True)  # every fault at once, images decoded
 
 The whole check from the shell (indexes if needed; decode=True decodes every image, in parallel):
     python dataset.py --manifest=m.jsonl --fields=short,long --label=False --decode=True [--index_dir=...]
 
-No torch vision package (on a CPU-only machine it pulls the CUDA build of torch): the CLIP transforms are a few
+No torch vision package (on a CPU-only machine it pulls the CUDA build of torch): the transforms are a few
 lines of Pillow and numpy below.
 """
 
@@ -88,6 +90,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
+
+import model as M  # ImagePreprocess and clip_preprocess only (model.py imports nothing of this module)
 
 KEYS = ("image", "captions", "label")
 MAX_LISTED = 20   # faults listed in full in an error; the rest are counted
@@ -955,7 +959,7 @@ def rows_by_image(image_index):
     return np.split(np.arange(len(image_index)), np.flatnonzero(np.diff(image_index)) + 1)
 
 # -----------------------------------------------------------------------------
-# images: every mode to 8-bit RGB with its full range; CLIP preprocessing (Pillow + numpy/torch)
+# images: every mode to 8-bit RGB with its full range; the towers' preprocessing (Pillow + numpy/torch)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -999,11 +1003,27 @@ def to_rgb(img):
     return img.convert("RGB")  # 1, L, LA, P, RGBA, RGBX, CMYK, YCbCr, LAB, HSV: alpha dropped
 
 
-def to_tensor(img):
-    """RGB PIL image -> (3, H, W) float32, CLIP-normalised."""
+def to_tensor(img, mean=CLIP_MEAN, std=CLIP_STD):
+    """RGB PIL image -> (3, H, W) float32: scaled to [0, 1], then (x - mean) / std per channel (CLIP's by default)."""
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
-    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
     return (x - mean) / std
+
+
+def as_preprocess(p):
+    """A tower's preprocessing (M.ImagePreprocess; e.g. `tower.preprocess`), or an int: CLIP's preprocessing
+    at that size (what the transforms took before towers carried their own)."""
+    if isinstance(p, (int, np.integer)):
+        return M.clip_preprocess(int(p))
+    if p.resize not in ("shortest_side_crop", "square"):
+        raise ValueError(f"ImagePreprocess.resize {p.resize!r}: expected 'shortest_side_crop' or 'square'")
+    if p.resize == "square" and p.crop_size != p.size:
+        raise ValueError(f"ImagePreprocess: resize 'square' takes crop_size == size, got {p.crop_size} and {p.size}")
+    return p
+
+
+def _resample(p):
+    return Image.Resampling[p.resample.upper()]
 
 
 DRAFT_MARGIN = 2  # JPEG draft decoding keeps at least this many source pixels per output pixel
@@ -1032,31 +1052,40 @@ def _draft(img, box, size):
     return tuple(v * k for v in box)
 
 
-def eval_box(W, H, size):
-    """CLIP's eval geometry as a source box: shortest side to `size`, centre crop size x size. Sizes and
-    crop offsets round like the Resize + CenterCrop of CLIP's own preprocessing."""
+def eval_box(W, H, size, crop=None):
+    """CLIP's eval geometry: shortest side to `size`, centre crop crop x crop (crop=None: size) ->
+    (resized width, height, crop left, top). Sizes and offsets round like CLIP's own Resize + CenterCrop."""
+    crop = size if crop is None else crop
     if W <= H:
         nw, nh = size, int(size * H / W)
     else:
         nw, nh = int(size * W / H), size
-    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+    left, top = int(round((nw - crop) / 2.0)), int(round((nh - crop) / 2.0))
     return nw, nh, left, top
 
 
-def eval_transform(img, size, draft=False):
-    """CLIP's eval transform: shortest side to `size` (bicubic), centre crop size x size, normalise.
+def eval_transform(img, preprocess, draft=False):
+    """A tower's eval transform. preprocess: an M.ImagePreprocess, or an int (CLIP's at that size).
+    resize "shortest_side_crop" (CLIP): shortest side to size, centre crop crop_size x crop_size;
+    "square" (SigLIP): the whole image to size x size, aspect ratio not kept. Both resample with the
+    tower's filter, then normalise with its mean and std.
     draft=True: large JPEGs decode at a reduced scale first (_draft); the crop is the same region."""
+    p = as_preprocess(preprocess)
     W, H = img.size
-    nw, nh, left, top = eval_box(W, H, size)
+    c, rs = p.crop_size, _resample(p)
+    if p.resize == "square":
+        nw, nh, left, top = c, c, 0, 0
+    else:
+        nw, nh, left, top = eval_box(W, H, p.size, c)
     if draft:
         sx, sy = W / nw, H / nh
-        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
-        small = _draft(img, box, size)
+        box = (left * sx, top * sy, (left + c) * sx, (top + c) * sy)
+        small = _draft(img, box, c)
         if small is not box:
-            return to_tensor(to_rgb(img).resize((size, size), Image.BICUBIC, box=small))
+            return to_tensor(to_rgb(img).resize((c, c), rs, box=small), p.image_mean, p.image_std)
     img = to_rgb(img)
-    img = img.resize((nw, nh), Image.BICUBIC)  # Pillow returns a copy when the size already matches
-    return to_tensor(img.crop((left, top, left + size, top + size)))
+    img = img.resize((nw, nh), rs)  # Pillow returns a copy when the size already matches
+    return to_tensor(img.crop((left, top, left + c, top + c)), p.image_mean, p.image_std)
 
 
 def random_resized_crop_box(W, H, generator, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -1081,13 +1110,21 @@ def random_resized_crop_box(W, H, generator, scale=(0.9, 1.0), ratio=(3 / 4, 4 /
     return left, top, left + w, top + h
 
 
-def train_transform(img, size, generator, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), draft=False):
-    """Random resized crop (random_resized_crop_box), resized to size x size (bicubic), normalised. A seed
-    fixes the crop. draft=True: large JPEGs decode at a reduced scale first; the crop is the same region."""
-    box = random_resized_crop_box(*img.size, generator, scale, ratio)
+def train_transform(img, preprocess, generator, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), draft=False):
+    """Random resized crop (random_resized_crop_box) resized to crop_size x crop_size with the tower's
+    filter, normalised with its mean and std. preprocess: an M.ImagePreprocess, or an int (CLIP's at that
+    size). A seed fixes the crop. For a "square" tower (SigLIP, whose eval squashes the whole image to a
+    square) the aspect ratios in `ratio` are relative to the image's own, so crops are distorted as eval's
+    squash distorts them, and scale = ratio = 1 is exactly its eval transform (as it is CLIP's for a
+    square image). draft=True: large JPEGs decode at a reduced scale first; the crop is the same region."""
+    p = as_preprocess(preprocess)
+    W, H = img.size
+    if p.resize == "square":
+        ratio = (ratio[0] * W / H, ratio[1] * W / H)
+    box = random_resized_crop_box(W, H, generator, scale, ratio)
     if draft:
-        box = _draft(img, box, size)
-    return to_tensor(to_rgb(img).resize((size, size), Image.BICUBIC, box=box))
+        box = _draft(img, box, p.crop_size)
+    return to_tensor(to_rgb(img).resize((p.crop_size, p.crop_size), _resample(p), box=box), p.image_mean, p.image_std)
 
 # -----------------------------------------------------------------------------
 # the image dataset
@@ -1095,10 +1132,13 @@ def train_transform(img, size, generator, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)
 class ImageDataset(Dataset):
     """Images of a manifest, decoded with Pillow in DataLoader workers (files or tar members).
 
-    item i -> (pixels (3, size, size) float32, the image index used, label (-1 if the record has none))
-    Captions are not here: trainers pick them by the returned index (Manifest.rows, embedding cache).
+    item i -> (pixels (3, S, S) float32, the image index used, label (-1 if the record has none)), S the
+    preprocessing's crop_size. Captions are not here: trainers pick them by the returned index
+    (Manifest.rows, embedding cache).
 
     manifest: a path or a Manifest (no records are held: the index is memory-mapped, lines read on demand).
+    preprocess: the image tower's preprocessing (an M.ImagePreprocess: `tower.preprocess`), applied as
+    eval_transform / train_transform say; or size=n: CLIP's preprocessing at n (size 224 if neither).
     train=True: a random resized crop whose randomness depends only on (seed, epoch, i), never on the
     worker or the batch, so a resumed run sees the same crops. Call set_epoch(e) before iterating each
     epoch (before the DataLoader starts its workers: they copy the dataset), or ask for items (i, e).
@@ -1112,12 +1152,16 @@ class ImageDataset(Dataset):
     shared-memory table every worker writes into, printed once to stderr, and listed by `skipped()`.
     """
 
-    def __init__(self, manifest, size=224, train=False, seed=0, skip_bad=False, records=None, index_dir=None,
-                 draft=None):
+    def __init__(self, manifest, size=None, train=False, seed=0, skip_bad=False, records=None, index_dir=None,
+                 draft=None, preprocess=None):
+        if size is not None and preprocess is not None:
+            raise ValueError("ImageDataset: give size= (CLIP's preprocessing at that size) or preprocess=, not both")
         man = records if isinstance(records, Manifest) else manifest
         self.man = man if isinstance(man, Manifest) else Manifest(man, index_dir)
         self.manifest = self.man.path
-        self.size, self.train, self.seed, self.skip_bad = size, train, seed, skip_bad
+        self.preprocess = as_preprocess(preprocess if preprocess is not None else size or 224)
+        self.size = self.preprocess.crop_size  # the side of every item
+        self.train, self.seed, self.skip_bad = train, seed, skip_bad
         self.draft = train if draft is None else draft
         self.epoch = 0
         self.bad = torch.zeros(len(self.man), dtype=torch.bool).share_memory_() if skip_bad else None
@@ -1140,8 +1184,8 @@ class ImageDataset(Dataset):
                 # seeded from (seed, epoch, i) only: the same crop whatever the worker, batch or resume point
                 s = np.random.SeedSequence([self.seed, epoch, i]).generate_state(2)
                 g = torch.Generator().manual_seed(int(s[0]) << 32 | int(s[1]))
-                return train_transform(img, self.size, g, draft=self.draft)
-            return eval_transform(img, self.size, draft=self.draft)
+                return train_transform(img, self.preprocess, g, draft=self.draft)
+            return eval_transform(img, self.preprocess, draft=self.draft)
 
     def __getitem__(self, i):
         epoch = self.epoch

@@ -236,8 +236,9 @@ def _clip_split_config(raw, tower, path):
                      f"(expected 'clip' or 'clip_{tower}_model')")
 
 def _clip_tower_state(sd, prefixes, path):
-    """Keep one tower's tensors of a CLIP checkpoint; the other tower's keys and logit_scale are skipped."""
-    other = ("text_model.", "text_projection.", "vision_model.", "visual_projection.", "logit_scale")
+    """Keep one tower's tensors of a CLIP checkpoint; the other tower's keys, logit_scale and logit_bias (a
+    stage-2 export trained with the sigmoid loss) are skipped."""
+    other = ("text_model.", "text_projection.", "vision_model.", "visual_projection.", "logit_scale", "logit_bias")
     out = {}
     for k, v in sd.items():
         if k.endswith("embeddings.position_ids"):
@@ -265,12 +266,14 @@ def _read_tensor(path, name):
         return f.get_tensor(name) if name in f.keys() else None
 
 def read_logit_scale(path):
-    """The learned log temperature of a CLIPModel or SiglipModel folder (None when the folder has none).
+    """The learned log temperature of a CLIPModel or SiglipModel folder, or of a stage-2 export (which keeps
+    it in model.safetensors beside the tower's weights); None when the folder has none.
     Logits are exp(logit_scale) * cos, plus logit_bias for SigLIP's sigmoid loss."""
     return _read_tensor(path, "logit_scale")
 
 def read_logit_bias(path):
-    """SigLIP's learned logit bias from a SiglipModel folder (None when the folder has none, as CLIP's)."""
+    """SigLIP's learned logit bias from a SiglipModel folder or a stage-2 export trained with the sigmoid loss
+    (None when the folder has none, as CLIP's)."""
     return _read_tensor(path, "logit_bias")
 
 # -----------------------------------------------------------------------------
@@ -561,8 +564,9 @@ class SiglipViT(nn.Module):
         _act(cfg.hidden_act)
         sd = {}
         for k, v in _read_safetensors(path).items():
-            if k.endswith("embeddings.position_ids") or (mt == "siglip" and k.startswith(("text_model.", "logit_"))):
-                continue  # the text tower, logit_scale and logit_bias of a SiglipModel
+            if k.endswith("embeddings.position_ids") or k in ("logit_scale", "logit_bias") or \
+                    (mt == "siglip" and k.startswith("text_model.")):
+                continue  # the text tower of a SiglipModel; its (or a stage-2 export's) logit_scale and logit_bias
             # transformers 5 saves a SiglipVisionModel without the `vision_model.` prefix, 4.x with it
             sd[k if mt == "siglip" or k.startswith("vision_model.") else "vision_model." + k] = v
         with torch.device("meta"):
@@ -629,6 +633,18 @@ def read_preprocess(path, default):
     mean = tuple(raw.get("image_mean", default.image_mean)) if norm else (0.0, 0.0, 0.0)
     std = tuple(raw.get("image_std", default.image_std)) if norm else (1.0, 1.0, 1.0)
     return ImagePreprocess(resize, size, crop, resample, mean, std)
+
+def preprocess_config(p: ImagePreprocess):
+    """p as an HF preprocessor_config.json dict (what transformers' CLIP / SigLIP image processors save), so an
+    exported folder carries its tower's preprocessing: read_preprocess(folder) gives p back."""
+    crop = p.resize == "shortest_side_crop"
+    out = {"image_processor_type": "CLIPImageProcessor" if crop else "SiglipImageProcessor",
+           "do_resize": True, "size": {"shortest_edge": p.size} if crop else {"height": p.size, "width": p.size},
+           "resample": PIL_RESAMPLE.index(p.resample), "do_rescale": True, "rescale_factor": 1 / 255,
+           "do_normalize": True, "image_mean": list(p.image_mean), "image_std": list(p.image_std), "do_convert_rgb": True}
+    if crop:
+        out.update(do_center_crop=True, crop_size={"height": p.crop_size, "width": p.crop_size})
+    return out
 
 IMAGE_TOWERS = {"clip": ViT, "clip_vision_model": ViT, "siglip": SiglipViT, "siglip_vision_model": SiglipViT}
 

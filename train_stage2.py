@@ -1,33 +1,46 @@
 """
-Stage 2: re-align CLIP's image tower to the text side, contrastively (DESIGN.md sections 4 and 5).
+Stage 2: re-align a pretrained image tower to the text side, contrastively (DESIGN.md sections 4 and 5).
+The tower comes from model.load_image_tower(clip): a CLIP folder (ViT) or a SigLIP / fixed-resolution
+SigLIP 2 folder (SiglipViT), preprocessed as the folder says (tower.preprocess).
 
---method=llm2clip  the ViT of a pretrained CLIP with a fresh projection `embed_dim` wide (1280 in the
-    paper), and the adaptor (4 blocks) on the LLM's caption embeddings read from the cache of
-    embed_cache.py: the LLM never runs. L = CLIP InfoNCE with a learnable logit scale.
---method=proclip   the ViT with CLIP's own projection, the adaptor (1 block) from ProCLIP stage 1, and an
-    EMA copy of the ViT as teacher: L = L_info + distill_lambda * (L_ins(v, u) + L_struct(v, u)), v and u
-    the student's and the teacher's normalised image embeddings of the same images.
+--method=llm2clip  the tower with a fresh projection `embed_dim` wide (1280 in the paper) for a CLIP; a
+    SigLIP tower has no projection and keeps its own joint width (the attention-pooled output,
+    hidden_size wide). The adaptor (4 blocks) reads the LLM's caption embeddings from the cache of
+    embed_cache.py: the LLM never runs.
+--method=proclip   the tower with its own projection (SigLIP: its own pooled output), the adaptor (1 block)
+    from ProCLIP stage 1, and an EMA copy of the tower as teacher: L = L_c + distill_lambda * (L_ins(v, u) +
+    L_struct(v, u)), v and u the student's and the teacher's normalised image embeddings of the same images.
 --method=clip      CLIP with its own text tower on the same captions: the "fine-tune CLIP directly"
     baseline, and, with clip="", a CLIP trained from scratch with the sizes below (the demo's base CLIP).
+    CLIP folders only: model.py has no SigLIP text tower.
+The contrastive loss L_c (`loss`): "softmax", CLIP's InfoNCE with a learnable scale s = exp(logit_scale),
+clamped to [0, ln 100] as CLIP does; "sigmoid", SigLIP's loss with s and a learnable bias t, not clamped
+(as SigLIP; released SigLIP checkpoints learned s above 100, e.g. 112 for So400m/14-384). Both start from
+the folder's logit_scale / logit_bias when it has them (SigLIP folders have both, CLIP folders the
+scale), otherwise from the loss's own init: s = 1/0.07 (CLIP), s = 10 and t = -10 (SigLIP).
 
     python train_stage2.py config/stage2_llm2clip_demo.py
     torchrun --standalone --nproc_per_node=8 train_stage2.py config/stage2_llm2clip_demo.py --batch_size=512
 
-In:  a manifest (dataset.py), an HF CLIP folder, and for the LLM methods the embedding cache of the
-     manifest and the LLM that made it (checked by fingerprint).
+In:  a manifest (dataset.py), an HF CLIP or SigLIP folder, and for the LLM methods the embedding cache of
+     the manifest and the LLM that made it (checked by fingerprint).
 Out: out_dir/model/  llm2clip, proclip: config.json + model.safetensors (an HF CLIPVisionModelWithProjection
-                     folder, plus logit_scale), adaptor.safetensors + adaptor.json, text.json (which LLM,
-                     its fingerprint, the instruction and max length its embeddings were made with);
-                     clip: an HF CLIPModel folder with its tokenizer.
+                     or SiglipVisionModel folder, whichever the tower is, plus logit_scale, and logit_bias
+                     for the sigmoid loss, as extra tensors that model.py's loaders skip and
+                     read_logit_scale / read_logit_bias read), preprocessor_config.json (the tower's
+                     preprocessing), adaptor.safetensors + adaptor.json, text.json (which LLM, its
+                     fingerprint, the instruction and max length its embeddings were made with, the loss);
+                     clip: an HF CLIPModel folder with its tokenizer (and the same extras).
      out_dir/ckpt/   the last checkpoint (resumed from automatically), out_dir/log.jsonl.
 Each step takes one caption per image: a field of `fields` at random, then one of its captions (the public
 LLM2CLIP code: short or long, 50/50). Every step's images, crops and captions are a function of (seed,
 step) and of the global batch only, so a resumed run ends with the same weights as an uninterrupted one,
 and N ranks take the step of one process with N times the batch (the loss gathers every rank's features;
 ProCLIP's distillation terms are per rank, as in the paper's code: DDP averages their gradients).
-Optimisation as LLM2CLIP: AdamW, layer-wise lr decay over the towers (embeddings lowest, the head and the
-adaptor at the full lr), no weight decay on norms, biases, embeddings and the logit scale, warm-up then
-cosine, gradient clipping, the logit scale clamped to [0, ln 100]. A non-finite loss or gradient stops
+Optimisation as LLM2CLIP: AdamW, layer-wise lr decay over the towers (embeddings lowest; the head, i.e.
+CLIP's final norm and projection or SigLIP's final norm and attention-pooling head, the adaptor, the
+logit scale and bias at the full lr), no weight decay on norms, biases, embeddings, SigLIP's probe token
+and the logit scale and bias, warm-up then cosine, gradient clipping. A non-finite loss or gradient stops
 the run before the update, leaving the last checkpoint as it was.
 """
 
@@ -47,21 +60,24 @@ from tqdm import tqdm
 
 import model as M
 from dataset import ImageDataset, Manifest, collate
-from kernels import contrastive_loss, structure_loss
-from train_common import (StepLog, cosine_lr, global_batch, load_checkpoint, save_checkpoint, setup_distributed,
-                          teardown_distributed)
+from kernels import contrastive_loss, sigmoid_loss, structure_loss
+from configurator import check
+from train_common import (StepLog, cosine_lr, global_batch, load_checkpoint, run_identity, save_checkpoint,
+                          setup_distributed, teardown_distributed)
 
 # -----------------------------------------------------------------------------
 method = "llm2clip"              # llm2clip | proclip | clip
 manifest = "data/fashion/out/train.jsonl"
 index_dir = ""                   # where the manifest's index goes; "" = beside it (<manifest>.index/)
-clip = ""                        # HF CLIP folder: the ViT and logit scale (and method=clip's text tower); "" = from scratch (clip only)
+clip = ""                        # HF CLIP or SigLIP folder: image tower, logit scale (and bias); clip: CLIP only, "" = from scratch
 cache = "out/cache/train"        # llm2clip, proclip: embed_cache.py output over `manifest`
 llm = "data/smollm2/hf"          # llm2clip, proclip: the LLM that made the cache (fingerprint checked; evaluate.py runs it)
 stage1 = ""                      # an adaptor folder to start from: ProCLIP stage 1's out_dir (required for proclip); "" = fresh
 out_dir = "out/stage2"
 fields = "short,long"            # caption fields: each image takes one field at random per step, then a caption of it
-embed_dim = 0                    # joint width; 0: 1280 for llm2clip (a fresh projection), CLIP's own otherwise (128 from scratch)
+embed_dim = 0                    # joint width; 0: 1280 for llm2clip on a CLIP (a fresh projection), the tower's own otherwise
+                                 # (a SigLIP tower's always: hidden_size, it has no projection; from scratch 128)
+loss = "softmax"                 # softmax: CLIP's InfoNCE, scale clamped to [0, ln 100] | sigmoid: SigLIP's, + a bias, no clamp
 ema_momentum = 0.999             # proclip: teacher <- m teacher + (1 - m) student after every step (half-life ~700 steps)
 distill_lambda = 0.01            # proclip: weight of L_ins + L_struct, for a rank batch of 128 (sums: see README)
 struct_beta = 1.0                # proclip: SmoothL1 beta of L_struct
@@ -74,7 +90,7 @@ vision_layers = 4
 text_width = 128
 text_layers = 3
 context_length = 16              # the base CLIP's short context: long captions are cut, as CLIP's 77 tokens cut them
-logit_scale_init = 0.0           # clip from scratch: the initial multiplier s (0 = CLIP's 1/0.07)
+logit_scale_init = 0.0           # the initial multiplier s when the folder has none (0 = the loss's: CLIP's 1/0.07, SigLIP's 10)
 # optimisation
 batch_size = 64                  # per rank
 max_steps = 1000
@@ -94,24 +110,32 @@ fixed_batch = False              # train on step 0's batch forever (an overfitti
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype of the towers on a GPU
 grad_checkpointing = False       # recompute each tower layer in the backward (real-size batches need it: estimate_memory.py)
 # -----------------------------------------------------------------------------
-MUST_MATCH = ("method", "batch_size", "seed", "max_steps", "fields", "manifest", "skip_bad")
+# a checkpoint resumes only with these settings unchanged (the data, its order, the schedule, the sizes) and
+# with the same content in these inputs (compared by fingerprint: train_common.run_identity)
+MUST_MATCH = ("method", "loss", "batch_size", "seed", "max_steps", "fields", "skip_bad", "embed_dim", "image_size", "patch_size",
+              "vision_width", "vision_layers", "text_width", "text_layers", "context_length")
+INPUTS = {"llm2clip": ("manifest", "clip", "llm", "cache", "stage1"), "proclip": ("manifest", "clip", "llm", "cache", "stage1"),
+          "clip": ("manifest", "clip", "tokenizer")}  # (clip: the tokenizer when the CLIP starts from scratch)
 LN100 = math.log(100.0)
 
 class Stage2(nn.Module):
-    """The trained towers: the ViT, the text side (Adaptor over cached LLM embeddings, or a CLIP text tower
-    over token ids) and the logit scale. forward -> normalised (image, text) embeddings, fp32."""
+    """The trained towers: the image tower (ViT or SiglipViT), the text side (Adaptor over cached LLM
+    embeddings, or a CLIP text tower over token ids), the logit scale, and the logit bias for the sigmoid
+    loss (logit_bias=None: none). forward -> normalised (image, text) embeddings, fp32."""
 
-    def __init__(self, vit, text, logit_scale):
+    def __init__(self, vit, text, logit_scale, logit_bias=None):
         super().__init__()
         self.vit, self.text = vit, text
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
+        self.logit_bias = None if logit_bias is None else nn.Parameter(torch.tensor(float(logit_bias)))
 
     def forward(self, pixels, text):
         txt = self.text(*text) if isinstance(text, tuple) else self.text(text)
         return F.normalize(self.vit(pixels).float(), dim=-1), F.normalize(txt.float(), dim=-1)
 
 def layer_id(name, n_layers):
-    """0 for embeddings, k + 1 for encoder layer k, n_layers + 1 for the head (final norm, projection)."""
+    """0 for embeddings (and CLIP's pre-norm), k + 1 for encoder layer k, n_layers + 1 for the head: the final
+    norm and CLIP's projection, or SigLIP's final norm and attention-pooling head."""
     parts = name.split(".")
     if "embeddings" in parts or "pre_layrnorm" in parts:
         return 0
@@ -120,18 +144,32 @@ def layer_id(name, n_layers):
     return n_layers + 1
 
 def param_groups(net):
-    """AdamW groups: layer-wise lr decay inside each tower (adaptor and logit scale at the full lr), no
-    weight decay on 1-d tensors (norms, biases, class embedding, logit scale) and embeddings."""
+    """AdamW groups: layer-wise lr decay inside each tower (adaptor, logit scale and bias at the full lr), no
+    weight decay on 1-d tensors (norms, biases, class embedding, logit scale and bias), embeddings and
+    SigLIP's probe (the pooling head's learned query token: the part its class embedding plays in CLIP)."""
     groups = {}
     for name, p in net.named_parameters():
         tower = getattr(net, name.split(".")[0])
         scale = 1.0
-        if isinstance(tower, (M.ViT, M.CLIPTextTower)):
+        if isinstance(tower, (M.ViT, M.SiglipViT, M.CLIPTextTower)):
             n = tower.config.num_hidden_layers
             scale = layer_decay ** (n + 1 - layer_id(name, n))
-        decay = 0.0 if p.ndim < 2 or ".embeddings." in name else weight_decay
+        decay = 0.0 if p.ndim < 2 or ".embeddings." in name or name.endswith(".head.probe") else weight_decay
         groups.setdefault((scale, decay), []).append(p)
     return [{"params": ps, "lr_scale": s, "weight_decay": d} for (s, d), ps in sorted(groups.items())]
+
+def initial_logits(path):
+    """(log s, t) a run starts from, t None for the softmax loss: the folder's logit_scale and logit_bias when
+    it has them (SigLIP folders have both, CLIP folders the scale, path "" neither), else the loss's own
+    init: log s = log(1/0.07) for softmax (CLIP), log 10 and t = -10 for sigmoid (SigLIP), or
+    log(logit_scale_init) if set. Softmax clamps log s into [0, ln 100] as it does after every step."""
+    scale = M.read_logit_scale(path) if path else None
+    bias = M.read_logit_bias(path) if path else None
+    if scale is None:
+        scale = math.log(logit_scale_init or (10.0 if loss == "sigmoid" else 1 / 0.07))
+    if loss == "softmax":
+        return min(max(float(scale), 0.0), LN100), None
+    return float(scale), -10.0 if bias is None else float(bias)
 
 def fresh_projection(vit, width):
     """Replace the ViT's projection by a new one `width` wide (CLIP's init: std = hidden^-0.5)."""
@@ -183,23 +221,37 @@ def clip_tokenizer(path):
 # export
 
 def export(out, net, tok, config):
-    """out_dir/model, swapped in whole: an HF folder evaluate.py and model.py (and transformers) load."""
+    """out_dir/model, swapped in whole: an HF folder that model.load_image_tower, evaluate.py and transformers
+    load. The image tower as HF writes it: CLIPVisionModelWithProjection, or SiglipVisionModel with
+    transformers 5's keys (no `vision_model.` prefix; model.py reads both); the logit scale and, for the
+    sigmoid loss, the bias as extra 0-dim tensors `logit_scale`, `logit_bias` in model.safetensors (the
+    names SiglipModel and CLIPModel use: model.read_logit_scale / read_logit_bias read them, model.py's
+    tower loaders skip them, transformers reports them as unused); preprocessor_config.json with the
+    tower's preprocessing."""
     vit, text = net.vit, net.text
-    sd = {k: v.detach().float().contiguous().cpu() for k, v in vit.state_dict().items()}
+    siglip = isinstance(vit, M.SiglipViT)
+    sd = {(k.removeprefix("vision_model.") if siglip else k): v.detach().float().contiguous().cpu()
+          for k, v in vit.state_dict().items()}
     sd["logit_scale"] = net.logit_scale.detach().float().cpu().reshape(())
-    vcfg = {**vars(vit.config), "model_type": "clip_vision_model"}
+    if net.logit_bias is not None:
+        sd["logit_bias"] = net.logit_bias.detach().float().cpu().reshape(())
+    vcfg = {**vars(vit.config), "model_type": "siglip_vision_model" if siglip else "clip_vision_model"}
     def write(tmp):
         os.makedirs(tmp)
+        with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
+            json.dump(M.preprocess_config(vit.preprocess), f, indent=2)
         if isinstance(text, M.Adaptor):
-            save_file(sd, os.path.join(tmp, "model.safetensors"))
+            save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
             with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump({**vcfg, "architectures": ["CLIPVisionModelWithProjection"]}, f, indent=2)
+                arch = "SiglipVisionModel" if siglip else "CLIPVisionModelWithProjection"
+                json.dump({**vcfg, "architectures": [arch]}, f, indent=2)
             text.save_pretrained(tmp)
             from embed_cache import model_fingerprint
             meta = json.load(open(os.path.join(cache, "meta.json")))
             with open(os.path.join(tmp, "text.json"), "w") as f:
                 json.dump(dict(llm=llm, llm_sha256=model_fingerprint(llm), instruction=meta["instruction"],
-                               max_length=meta["max_length"], method=method, config=config), f, indent=2)
+                               max_length=meta["max_length"], template=meta.get("template", ""),  # "": an older cache
+                               method=method, loss=loss, config=config), f, indent=2)
         else:
             sd.update({k: v.detach().float().contiguous().cpu() for k, v in text.state_dict().items()})
             tcfg = {**vars(text.config), "model_type": "clip_text_model", "pad_token_id": tok.pad_token_id}
@@ -208,13 +260,25 @@ def export(out, net, tok, config):
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump({"model_type": "clip", "architectures": ["CLIPModel"], "projection_dim": vit.config.projection_dim,
                            "logit_scale_init_value": sd["logit_scale"].item(), "text_config": tcfg, "vision_config": vc}, f, indent=2)
-            save_file(sd, os.path.join(tmp, "model.safetensors"))
+            save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
             tok.save_pretrained(tmp)
     M.atomic_write(out, write)
 
 # -----------------------------------------------------------------------------
 
 def main(config):
+    check(config, positive=("batch_size", "max_steps", "log_interval", "ckpt_interval", "lr", "grad_clip", "image_size",
+                            "patch_size", "vision_width", "vision_layers", "text_width", "text_layers", "context_length"),
+          nonnegative=("warmup_steps", "min_lr", "weight_decay", "embed_dim", "distill_lambda", "struct_beta",
+                       "logit_scale_init", "num_workers", "halt_at"),
+          choices={"method": ("llm2clip", "proclip", "clip"), "dtype": ("float32", "bfloat16"),  # (fp16: a grad scaler)
+                   "loss": ("softmax", "sigmoid")},
+          within={"ema_momentum": (0.0, 1.0)},
+          rules=[(warmup_steps <= max_steps, f"warmup_steps={warmup_steps}: more than max_steps={max_steps}"),
+                 (min_lr <= lr, f"min_lr={min_lr}: more than lr={lr}"),
+                 (0 < layer_decay <= 1, f"layer_decay={layer_decay}: must be within (0, 1]"),
+                 (any(fields.split(",")), f"fields={fields!r}: expected caption fields like 'short,long'")],
+          folders=("out_dir",))
     ddp, rank, world, device = setup_distributed()
     master = rank == 0
     if method not in ("llm2clip", "proclip", "clip"):
@@ -236,40 +300,45 @@ def main(config):
         raise ValueError(f"{manifest}: {len(man)} images, fewer than one global batch ({G})")
 
     tok, teacher = None, None
+    vit = M.load_image_tower(clip) if clip else None  # ViT (a CLIP folder) or SiglipViT (SigLIP), by model_type
+    siglip = isinstance(vit, M.SiglipViT)
     if method == "clip":
+        if siglip:
+            raise ValueError(f"method=clip trains a CLIP with its own text tower, and clip={clip} is a SigLIP folder: "
+                             f"model.py has no SigLIP text tower (re-align its image tower with method=llm2clip or proclip)")
         tok, eos = clip_tokenizer(clip or tokenizer)
         if clip:
-            vit, text = M.ViT.from_pretrained(clip), M.CLIPTextTower.from_pretrained(clip)
-            scale0 = M.read_logit_scale(clip)
+            text = M.CLIPTextTower.from_pretrained(clip)
         else:
             vit, text = clip_from_scratch(len(tok), eos)
-            scale0 = None
-        if embed_dim and embed_dim != vit.config.projection_dim:
-            raise ValueError(f"embed_dim {embed_dim}: method=clip keeps the CLIP's width {vit.config.projection_dim}")
+        if embed_dim and embed_dim != vit.embed_dim:
+            raise ValueError(f"embed_dim {embed_dim}: method=clip keeps the CLIP's width {vit.embed_dim}")
     else:
         from embed_cache import open_cache
         if not clip:
-            raise ValueError(f"method={method} needs clip= (an HF CLIP folder whose ViT is re-aligned)")
+            raise ValueError(f"method={method} needs clip= (an HF CLIP or SigLIP folder whose image tower is re-aligned)")
         arrays = {f: open_cache(cache, f, llm, man) for f in names}  # refuses another LLM's or manifest's cache
         dim = arrays[names[0]].shape[1]
-        vit, scale0 = M.ViT.from_pretrained(clip), M.read_logit_scale(clip)
-        if method == "llm2clip":
+        if method == "llm2clip" and not siglip:
             fresh_projection(vit, embed_dim or 1280)
-        elif embed_dim and embed_dim != vit.config.projection_dim:
-            raise ValueError(f"embed_dim {embed_dim}: ProCLIP keeps CLIP's joint width {vit.config.projection_dim}")
+        elif embed_dim and embed_dim != vit.embed_dim:
+            # SigLIP: no projection to re-initialise (its joint space is the attention-pooled output), and adding
+            # one would make the export something transformers' SiglipVisionModel cannot load
+            raise ValueError(f"embed_dim {embed_dim}: a SigLIP tower has no projection, so it keeps its own joint "
+                             f"width {vit.embed_dim} (hidden_size, the pooled output); set embed_dim=0 or {vit.embed_dim}"
+                             if siglip else f"embed_dim {embed_dim}: ProCLIP keeps CLIP's joint width {vit.embed_dim}")
         if stage1:
             text = M.Adaptor.from_pretrained(stage1)
         elif method == "proclip":
             raise ValueError("method=proclip needs stage1= (ProCLIP stage 1's out_dir with adaptor.safetensors)")
         else:
-            text = M.Adaptor.for_method("llm2clip", dim, vit.config.projection_dim)
-        if (text.config.in_dim, text.config.out_dim) != (dim, vit.config.projection_dim):
+            text = M.Adaptor.for_method("llm2clip", dim, vit.embed_dim)
+        if (text.config.in_dim, text.config.out_dim) != (dim, vit.embed_dim):
             raise ValueError(f"{stage1}: the adaptor maps {text.config.in_dim} -> {text.config.out_dim}, this run "
-                             f"needs {dim} (the cache) -> {vit.config.projection_dim} (the ViT's projection)")
+                             f"needs {dim} (the cache) -> {vit.embed_dim} (the image tower's joint width)")
         if method == "proclip":
             teacher = copy.deepcopy(vit).requires_grad_(False).eval().to(device)
-    scale0 = math.log(logit_scale_init or 1 / 0.07) if scale0 is None else float(scale0)  # when the CLIP has none
-    net = Stage2(vit, text, min(max(scale0, 0.0), LN100)).to(device)
+    net = Stage2(vit, text, *initial_logits(clip)).to(device)
     for m in net.modules():  # the towers' encoders (CLIPEncoder) recompute each layer in the backward
         if hasattr(m, "grad_checkpointing"):
             m.grad_checkpointing = grad_checkpointing
@@ -279,19 +348,21 @@ def main(config):
     if teacher is not None:
         tensors.update({f"ema.{k}": v for k, v in teacher.state_dict().items()})
     ckpt = M.recover(os.path.join(out_dir, "ckpt"))
-    start = load_checkpoint(ckpt, tensors, opt, config, MUST_MATCH) if os.path.isdir(ckpt) else 0
+    inputs = [k for k in INPUTS[method] if k != "tokenizer" or not clip]  # (a CLIP folder brings its own tokenizer)
+    identity = run_identity(config, MUST_MATCH, inputs, man, names)
+    start = load_checkpoint(ckpt, tensors, opt, identity) if os.path.isdir(ckpt) else 0
     model = DDP(net, device_ids=[torch.cuda.current_device()] if "cuda" in device else None) if ddp else net
     if master:
         os.makedirs(out_dir, exist_ok=True)
         n_params = sum(p.numel() for p in net.parameters())
-        print(f"{method}: {n_params / 1e6:.2f}M trainable parameters, global batch {G}, "
-              f"{'resuming at step ' + str(start) if start else 'from scratch'}")
+        print(f"{method} ({type(vit).__name__}, {loss} loss): {n_params / 1e6:.2f}M trainable parameters, "
+              f"global batch {G}, {'resuming at step ' + str(start) if start else 'from scratch'}")
 
     def batches():  # this rank's (image, epoch) pairs of every step from `start` on
         for step in range(start, max_steps):
             epoch, images, _ = global_batch(seed, step, len(man), G, fixed_batch)
             yield [(j, epoch) for j in images[part].tolist()]
-    ds = ImageDataset(man, size=vit.config.image_size, train=True, seed=seed, skip_bad=skip_bad)
+    ds = ImageDataset(man, preprocess=vit.preprocess, train=True, seed=seed, skip_bad=skip_bad)  # the tower's own
     loader = torch.utils.data.DataLoader(ds, batch_sampler=batches(), num_workers=num_workers, collate_fn=collate,
                                          pin_memory="cuda" in device)
 
@@ -322,31 +393,38 @@ def main(config):
         pixels = pixels.to(device, non_blocking=True)
         with amp:
             img, txt = model(pixels, text_input(idx, rng))
-            loss = info = contrastive_loss(img, txt, net.logit_scale.exp())
+            if loss == "sigmoid":
+                info = sigmoid_loss(img, txt, net.logit_scale.exp(), net.logit_bias)
+            else:
+                info = contrastive_loss(img, txt, net.logit_scale.exp())
+            total = info
             if teacher is not None:
                 with torch.no_grad():
                     u = F.normalize(teacher(pixels).float(), dim=-1)
-                loss = info + distill_lambda * ((img - u).pow(2).sum() + structure_loss(img, u, beta=struct_beta))
+                total = info + distill_lambda * ((img - u).pow(2).sum() + structure_loss(img, u, beta=struct_beta))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
         if not torch.isfinite(gnorm).item():  # DDP averaged the gradients: every rank takes this branch
             raise FloatingPointError(
-                f"step {step + 1}: loss {loss.item()} and gradient norm {gnorm.item()} on rank {rank}; stopped before "
+                f"step {step + 1}: loss {total.item()} and gradient norm {gnorm.item()} on rank {rank}; stopped before "
                 f"the update. The last good checkpoint is {ckpt} (" +
                 (f"step {json.load(open(os.path.join(ckpt, 'state.json')))['step']})" if os.path.isdir(ckpt) else "none yet)"))
         opt.step()
         with torch.no_grad():
-            net.logit_scale.clamp_(0, LN100)
+            if loss == "softmax":
+                net.logit_scale.clamp_(0, LN100)  # CLIP's rule; SigLIP's loss leaves s free (its bias sets the threshold)
             if teacher is not None:
                 for pt, ps in zip(teacher.parameters(), net.vit.parameters()):
                     pt.lerp_(ps, 1 - ema_momentum)
         step += 1
         bar.update()
         if step % log_interval == 0 or step == max_steps or step == start + 1:
-            log(step, {"loss": loss, "infonce": info}, logit_scale=net.logit_scale.exp(), lr=lr_now, grad_norm=gnorm)
+            bias = {} if net.logit_bias is None else {"logit_bias": net.logit_bias}
+            log(step, {"loss": total, "infonce" if loss == "softmax" else "sigmoid": info},
+                logit_scale=net.logit_scale.exp(), **bias, lr=lr_now, grad_norm=gnorm)
         if master and (step % ckpt_interval == 0 or step == max_steps or step == halt_at):
-            save_checkpoint(ckpt, tensors, opt, step, config)
+            save_checkpoint(ckpt, tensors, opt, step, config, identity)
         if step == halt_at:
             break
     bar.close()

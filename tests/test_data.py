@@ -207,6 +207,67 @@ def test_train_transform_seeded():
     full = D.train_transform(img, 48, torch.Generator().manual_seed(0), scale=(1, 1), ratio=(1, 1))
     torch.testing.assert_close(full, D.eval_transform(img, 48), atol=0, rtol=0)
 
+PREPROCESS = {  # one of each resize rule, with filters, means and crops unlike the defaults
+    "square": dict(resize="square", size=20, crop_size=20, resample="bilinear", image_mean=(0.5, 0.4, 0.3),
+                   image_std=(0.5, 0.6, 0.7)),
+    "shortest_side_crop": dict(resize="shortest_side_crop", size=24, crop_size=20, resample="bicubic",
+                               image_mean=(0.1, 0.2, 0.3), image_std=(0.3, 0.2, 0.1)),
+    "clip_lanczos": dict(resize="shortest_side_crop", size=16, crop_size=16, resample="lanczos",
+                         image_mean=D.CLIP_MEAN, image_std=D.CLIP_STD)}
+
+
+@pytest.mark.parametrize("mode", PREPROCESS)
+def test_dataset_applies_the_towers_preprocessing(tmp_path, mode):
+    """ImageDataset(preprocess=tower.preprocess) in eval gives exactly the reference of test_siglip.py
+    (`apply`, which matches HF's CLIP and SigLIP processors), for wide, tall and square images; in training
+    a crop_size square whose scale = ratio = 1 crop of the whole image is the eval transform (for a square
+    tower on any image: its crop ratios are relative to the image's)."""
+    import model as M
+    from test_siglip import apply
+    p = M.ImagePreprocess(**PREPROCESS[mode])
+    rng = np.random.default_rng(1)
+    shapes = [(30, 44), (44, 30), (26, 26), (20, 90)]
+    for i, shape in enumerate(shapes):
+        Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"image": f"{i}.png"}) + "\n" for i in range(len(shapes))))
+    ds = D.ImageDataset(tmp_path / "m.jsonl", preprocess=p)
+    tr = D.ImageDataset(tmp_path / "m.jsonl", preprocess=p, train=True, seed=3)
+    for i in range(len(shapes)):
+        img = Image.open(tmp_path / f"{i}.png").convert("RGB")
+        x = ds[i][0]
+        assert x.shape == (3, p.crop_size, p.crop_size)
+        torch.testing.assert_close(x, apply(p, img), atol=0, rtol=0)
+        y = tr[i][0]
+        assert y.shape == x.shape and torch.equal(y, tr[i][0]) and not torch.equal(y, x)
+        whole = D.train_transform(img, p, torch.Generator().manual_seed(0), scale=(1, 1), ratio=(1, 1))
+        if p.resize == "square" or shape[0] == shape[1]:
+            torch.testing.assert_close(whole, x, atol=0, rtol=0)
+    # the old keyword: CLIP's preprocessing at that size
+    old = D.ImageDataset(tmp_path / "m.jsonl", size=16)
+    assert old.preprocess == M.clip_preprocess(16) and torch.equal(old[0][0], D.eval_transform(Image.open(tmp_path / "0.png"), 16))
+    with pytest.raises(ValueError, match="give size= .* or preprocess=, not both"):
+        D.ImageDataset(tmp_path / "m.jsonl", size=16, preprocess=p)
+    with pytest.raises(ValueError, match="resize 'stretch': expected"):
+        D.eval_transform(img, M.ImagePreprocess(**{**PREPROCESS[mode], "resize": "stretch"}))
+
+
+def test_square_jpeg_draft_stays_close():
+    """Draft decoding under a SigLIP-style square resize: same region, output about as close as CLIP's."""
+    import model as M
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 256, (45, 80, 3), dtype=np.uint8)).resize((2400, 1350), Image.BICUBIC)
+    a = np.asarray(base).astype(np.int16) + rng.integers(-12, 13, (1350, 2400, 3))  # noise: fine detail to lose
+    b = io.BytesIO()
+    Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(b, "JPEG", quality=90)
+    p = M.siglip_preprocess(224)
+    for fn in (lambda img, d: D.eval_transform(img, p, draft=d),
+               lambda img, d: D.train_transform(img, p, torch.Generator().manual_seed(3), draft=d)):
+        full, fast = fn(Image.open(io.BytesIO(b.getvalue())), False), fn(Image.open(io.BytesIO(b.getvalue())), True)
+        assert full.shape == fast.shape == (3, 224, 224)
+        diff = (full - fast).abs() * 0.5 * 255  # in 8-bit levels (std 0.5)
+        assert 0 < diff.mean() < 1.0 and diff.max() < 40, (diff.mean(), diff.max())
+
+
 def ramp_images():
     """(name, image, format, expected R row or None) for every mode Pillow reads from files: a horizontal ramp
     over the mode's full range, saved and read back. None: only the span and the direction are checked."""
@@ -354,7 +415,7 @@ def test_prepare_fashion_tiny(tmp_path):
                               capture_output=True, text=True, check=True).stdout
     prepare(tmp_path / "a")
     prepare(tmp_path / "b")
-    splits = {"pretrain": (9, ["short"]), "train": (8, ["short", "long", "de"]), "test": (4, ["short", "long", "de", "fr"]),
+    splits = {"pretrain": (9, ["short"]), "train": (8, ["short", "long", "short_de", "de"]), "test": (4, ["short", "long", "de", "fr"]),
               "zeroshot": (5, ["short"])}
     for split, (n, fields) in splits.items():
         records = list(D.check_manifest(tmp_path / "a" / f"{split}.jsonl", fields=fields, label=split == "zeroshot"))
@@ -365,6 +426,7 @@ def test_prepare_fashion_tiny(tmp_path):
             grid = "long" in caps or split == "pretrain" and "label" not in r
             if grid:  # one short caption per item, naming its place; long ones name all four items
                 assert len(caps["short"]) == 4 and all(any(p in t for p in ("top", "bottom")) for t in caps["short"])
+                assert "short_de" not in caps or len(caps["short_de"]) == 4  # German, item by item (stage 1)
             else:  # a single item: its class is the label
                 assert 0 <= r["label"] < 10 and len(caps["short"]) == 3
             if "long" in caps:
