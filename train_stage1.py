@@ -2,9 +2,10 @@
 Stage 1: make the LLM's caption embeddings something CLIP can align to.
 
 --method=llm2clip  caption-contrastive fine-tune of the LLM (supervised SimCSE, LLM2CLIP section 3):
-    pairs of captions of the same image (each image draws one of the field pairs in `pairs`, then one
-    caption of each field; a coin flip says which is the query), the instruction on queries only,
-    bidirectional attention, mean pooling over the caption's tokens (never BOS or the instruction),
+    pairs of captions of the same image (each step draws one of the field pairs in `pairs` for its whole
+    batch, then one caption of each field per image; a coin flip per step says which field is the query), the instruction
+    on queries only, bidirectional attention, mean pooling over the caption's tokens (never BOS or the
+    instruction),
     L = CE(50 * cos(q_i, p_j), j = i) with the positives of every rank as negatives, gathered with
     gradient. LoRA on the LLM. Out: out_dir/lora.safetensors and out_dir/merged/ (HF folder, LoRA merged).
 --method=proclip   distil CLIP's text tower into adaptor(LLM embedding) (ProCLIP stage 1): the LLM is
@@ -25,8 +26,13 @@ a resumed run (checkpoint every `ckpt_interval` steps, and at the end) ends with
 uninterrupted one. For llm2clip, N ranks take the same step as one process with N times the batch (the
 loss is a mean, the negatives are gathered). ProCLIP's two terms are sums over each rank's own batch, as
 in the paper's code (DESIGN.md section 4): with more ranks each L_struct sees pairs within a rank only.
-Differences from the paper's setup, on purpose: no chat template around captions (the LLM2Vec-style
-"instruction caption" text is used for every model) and no hard negatives (one positive per query).
+Caption template (`template`, model.caption_template): as the official code feeds Llama-3-Instruct, every
+caption is wrapped in the model's chat user turn; "auto" picks the wrap from the tokenizer's vocabulary
+(Llama 3's, ChatML for <|im_start|> vocabularies such as SmolLM2-Instruct's, else none), "none" turns it
+off. Queries carry the instruction inside the wrap, keys do not; only the caption and the wrap's tail are
+pooled. embed_cache.py and evaluate.py wrap the same way (the cache records the resolved string), so the
+setting must be the same across the stages. Difference from the paper's setup, on purpose: no hard
+negatives (one positive per query).
 """
 
 import os
@@ -41,8 +47,9 @@ from safetensors.torch import save_file
 import model as M
 from dataset import Manifest
 from kernels import all_gather_with_grad, structure_loss
-from train_common import (StepLog, cosine_lr, global_batch, load_checkpoint, save_checkpoint, setup_distributed,
-                          teardown_distributed)
+from configurator import check
+from train_common import (StepLog, cosine_lr, global_batch, load_checkpoint, run_identity, save_checkpoint,
+                          setup_distributed, teardown_distributed)
 
 # -----------------------------------------------------------------------------
 method = "llm2clip"              # llm2clip | proclip
@@ -50,9 +57,11 @@ manifest = "data/fashion/out/train.jsonl"
 index_dir = ""                   # where the manifest's index goes; "" = beside it (<manifest>.index/)
 model = "data/smollm2/hf"        # the LLM (HF Llama folder)
 out_dir = "out/stage1_llm2clip"
-pairs = "short:long"             # llm2clip: field pairs, comma-separated; each image draws one pair per step,
-                                 # then one caption of each field (a coin flip picks the query), e.g. "short:long,long:de"
+pairs = "short:long"             # llm2clip: field pairs; each step draws one for its whole batch, then per image a caption
+                                 # of each field ("a:b"; "a:a" two different ones; "a=b" the same index of parallel
+                                 # fields, e.g. "long=de": a caption and its translation)
 instruction = "Given a caption, retrieve a similar relevant caption."  # on queries only (the paper's)
+template = "auto"                # caption template: "auto" (the tokenizer's chat wrap, if any), "none", or "...{}..."
 max_length = 512                 # tokens per caption, instruction included
 simcse_scale = 50.0              # 1 / temperature 0.02
 lora_r = 16                      # the paper's LoRA: rank 16, alpha 32, dropout 0.05, all 7 projections
@@ -80,15 +89,26 @@ fixed_batch = False              # train on step 0's batch forever (an overfitti
 grad_dump = ""                   # debug: save each step's averaged gradients here (safetensors; tests)
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 # -----------------------------------------------------------------------------
-MUST_MATCH = ("batch_size", "seed", "max_steps", "method")  # a checkpoint resumes only with these unchanged
+# a checkpoint resumes only with these settings unchanged (the data, its order, the schedule, the sizes) and
+# with the same content in these inputs (compared by fingerprint: train_common.run_identity)
+MUST_MATCH = ("batch_size", "seed", "max_steps", "method", "template", "pairs", "ins_fields", "instruction", "max_length",
+              "lora_r", "lora_alpha", "lora_top_layers", "adaptor_out")
+INPUTS = {"llm2clip": ("manifest", "model"), "proclip": ("manifest", "model", "cache", "clip")}
 
 def lr_at(step):
     return cosine_lr(step, lr, min_lr, warmup_steps, max_steps)
 
 def field_pairs():
-    out = [tuple(p.split(":")) for p in pairs.split(",") if p]
-    if not out or any(len(p) != 2 or not all(p) for p in out):
-        raise ValueError(f"pairs={pairs!r}: expected field pairs like 'short:long,long:de'")
+    """[(field a, field b, parallel)] from `pairs`: "a:b" draws any caption of each field, "a=b" the same
+    caption index in both (parallel fields, e.g. a caption and its translation)."""
+    out = []
+    for p in pairs.split(","):
+        sep = "=" if "=" in p else ":"
+        a, _, b = p.partition(sep)
+        if not a or not b or sep in b or (sep == "=" and a == b):
+            raise ValueError(f"pairs={pairs!r}: expected field pairs like 'short:long,long=de' (a:b any captions of "
+                             f"two fields, a=b the same index of two parallel fields)")
+        out.append((a, b, sep == "="))
     return out
 
 # -----------------------------------------------------------------------------
@@ -102,18 +122,35 @@ def simcse_loss(q, p, scale):
     labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
     return F.cross_entropy(logits, labels)
 
-def llm2clip_step(llm, tok, records, images, rng, part, device):
+def llm2clip_step(llm, tok, tmpl, records, images, rng, part, device):
     # choices are drawn for the whole global batch, then this rank takes its part: the same samples
     # whatever the number of ranks
-    fp = field_pairs()
-    which = rng.integers(0, len(fp), len(images)) if len(fp) > 1 else np.zeros(len(images), int)  # each image's pair
-    a = [rng.choice(records[i]["captions"][fp[w][0]]) for i, w in zip(images, which)]
-    b = [rng.choice(records[i]["captions"][fp[w][1]]) for i, w in zip(images, which)]
-    flip = rng.random(len(images)) < 0.5
-    queries = [y if f else x for x, y, f in zip(a, b, flip)][part]
-    keys = [x if f else y for x, y, f in zip(a, b, flip)][part]
-    q_ids, q_pre = M.tokenize_for_embedding(tok, queries, instruction, max_length)
-    k_ids, _ = M.tokenize_for_embedding(tok, keys, "", max_length)
+    # one field pair for the whole global batch, as the official code keeps each batch to one data set: in a
+    # mixed batch the negatives of another kind (another language, short vs long) are told apart by kind alone
+    fa, fb, parallel = field_pairs()[int(rng.integers(len(field_pairs())))]
+    a, b = [], []
+    for i in images:
+        ca, cb = records[i]["captions"][fa], records[i]["captions"][fb]
+        j = int(rng.integers(len(ca)))
+        if parallel and len(ca) != len(cb):
+            raise ValueError(f"pairs: {fa}={fb} pairs caption k of {fa!r} with caption k of {fb!r}, but image {i} "
+                             f"(line {i + 1}) has {len(ca)} and {len(cb)}")
+        if parallel:
+            k = j
+        elif fa == fb and len(ca) > 1:  # two captions of one field: two different ones
+            k = (j + 1 + int(rng.integers(len(ca) - 1))) % len(ca)
+        else:
+            k = int(rng.integers(len(cb)))
+        a.append(ca[j])
+        b.append(cb[k])
+    # one coin for the whole batch: every query is of one field, every key of the other. With a coin per image
+    # half of a query's negatives would be of its own kind (short vs long, English vs German) and closer to it
+    # than its positive by kind alone; that loss starts near 18 at batch 16 and ends collapsed at ln 16
+    if rng.random() < 0.5:
+        a, b = b, a
+    queries, keys = a[part], b[part]
+    q_ids, q_pre = M.tokenize_for_embedding(tok, queries, instruction, max_length, tmpl)  # tmpl: resolved
+    k_ids, _ = M.tokenize_for_embedding(tok, keys, "", max_length, tmpl)
     # one forward for queries and keys together (unpadding makes the mixed lengths cheap)
     ids, mask = M.pad_batch(q_ids + k_ids, device=device)
     pool = M.skip_instruction(mask, q_pre + [0] * len(k_ids))
@@ -153,12 +190,19 @@ def proclip_step(adaptor, teacher, clip_tok, caches, records, images, rng, part,
 # -----------------------------------------------------------------------------
 
 def main(config):
+    check(config, positive=("batch_size", "max_steps", "log_interval", "ckpt_interval", "max_length", "lr", "simcse_scale",
+                            "lora_r", "lora_alpha", "grad_clip"),
+          nonnegative=("warmup_steps", "min_lr", "weight_decay", "lora_top_layers", "adaptor_out", "struct_beta", "halt_at"),
+          choices={"method": ("llm2clip", "proclip"), "dtype": ("float32", "bfloat16")},  # (float16 needs a grad scaler)
+          rules=[(warmup_steps <= max_steps, f"warmup_steps={warmup_steps}: more than max_steps={max_steps}"),
+                 (min_lr <= lr, f"min_lr={min_lr}: more than lr={lr}"),
+                 (0 <= lora_dropout < 1, f"lora_dropout={lora_dropout}: must be within [0, 1)"),
+                 (method != "proclip" or clip, "clip='': method=proclip needs an HF CLIP folder (its text tower teaches)"),
+                 (all(ins_fields.split(",")), f"ins_fields={ins_fields!r}: expected caption fields like 'short,short'")],
+          folders=("out_dir",))
+    field_pairs()  # (a malformed `pairs` is refused now)
     ddp, rank, world, device = setup_distributed()
     master = rank == 0
-    if method not in ("llm2clip", "proclip"):
-        raise ValueError(f"method {method!r}: expected llm2clip or proclip")
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype {dtype!r}: float32 or bfloat16 (float16 would need a gradient scaler)")
     amp = torch.autocast("cuda", dtype=getattr(torch, dtype)) if "cuda" in device and dtype != "float32" \
         else torch.autocast("cpu", enabled=False)
 
@@ -171,14 +215,17 @@ def main(config):
         raise ValueError(f"{manifest}: {len(records)} images, fewer than one global batch ({G})")
 
     if method == "llm2clip":
-        for f in {f for pair in field_pairs() for f in pair}:
-            records.require(fields=[f], images="ignore")  # every image must have captions in every field: fail now
+        # every image must have captions in every field (and parallel fields as many): fail now, not mid-run
+        records.require(fields=sorted({f for a, b, _ in field_pairs() for f in (a, b)}), images="ignore")
         # the frozen base in the compute dtype; the LoRA tensors add_lora creates stay fp32
         net = M.Llama.from_pretrained(model, dtype=getattr(torch, dtype)).to(device)
         M.add_lora(net, lora_r, lora_alpha, lora_dropout, top_layers=lora_top_layers)
         net.grad_checkpointing = grad_checkpointing
         tok = M.load_tokenizer(model)
-        step_fn = lambda images, rng: (llm2clip_step(net, tok, records, images, rng, part, device), None)  # noqa: E731
+        tmpl = M.caption_template(tok, template)  # resolved once: "" = no wrap
+        if master:
+            print(f"caption template {template!r}: " + (repr(tmpl) if tmpl else "none (captions as given)"))
+        step_fn = lambda images, rng: (llm2clip_step(net, tok, tmpl, records, images, rng, part, device), None)  # noqa: E731
     else:
         from embed_cache import open_cache
         teacher = M.CLIPTextTower.from_pretrained(clip).to(device).eval().requires_grad_(False)
@@ -197,7 +244,9 @@ def main(config):
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)  # one kernel for all tensors
 
     ckpt = M.recover(os.path.join(out_dir, "ckpt"))
-    step = load_checkpoint(ckpt, trainable, opt, config, MUST_MATCH) if os.path.isdir(ckpt) else 0
+    identity = run_identity(config, MUST_MATCH, INPUTS[method], records, sorted(
+        {f for a, b, _ in field_pairs() for f in (a, b)} if method == "llm2clip" else set(ins_fields.split(","))))
+    step = load_checkpoint(ckpt, trainable, opt, identity) if os.path.isdir(ckpt) else 0
     if master:
         os.makedirs(out_dir, exist_ok=True)
         print(f"{method}: {sum(p.numel() for p in trainable.values()) / 1e6:.2f}M trainable parameters, "
@@ -232,7 +281,7 @@ def main(config):
             extra = {} if n_cut is None else {"cut_by_teacher": n_cut}  # proclip: captions left out (this rank)
             log(step, {"loss": loss}, lr=lr_at(step - 1), grad_norm=gnorm, **extra)
         if master and (step % ckpt_interval == 0 or step == max_steps or step == halt_at):
-            save_checkpoint(ckpt, trainable, opt, step, config)
+            save_checkpoint(ckpt, trainable, opt, step, config, identity)
         if step == halt_at:
             break
 

@@ -60,7 +60,9 @@ def test_two_ranks_equal_one_process_with_the_global_batch(setup):
     assert one.keys() == two.keys()
     for k in one:
         assert one[k].abs().max() > 0, k
-        torch.testing.assert_close(two[k], one[k], atol=1e-5 * one[k].abs().max().item(), rtol=1e-4)
+        # fp32 sums of 4+4 vs 8 rows round differently: 1e-4 of the largest entry, far below the 10%
+        # by which a half batch differs (checked below)
+        torch.testing.assert_close(two[k], one[k], atol=1e-4 * one[k].abs().max().item(), rtol=1e-4)
     # and the ranks really split the batch: one rank alone with 4 samples has another gradient
     train(setup, d / "half", batch_size=4, grad_dump=str(d / "g3.safetensors"), **kw)
     half = load_file(str(d / "g3.safetensors"))

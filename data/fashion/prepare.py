@@ -145,11 +145,13 @@ def long_caption(lang, template, items):
     return cap(f"{', '.join(parts[:-1])} {and_} {parts[-1]}.")
 
 
-def item_caption(slot, cls, col, variant):
+def item_caption(slot, cls, col, variant, lang="en"):
     """One item of a grid, short enough for the base CLIP: 'a red sneaker at the top left' or
-    'top right: a blue dress'."""
-    x, place = phrase("en", cls, col), PLACES["en"][slot]
-    return f"{x} at the {place}" if variant == 0 else f"{place}: {x}"
+    'top right: a blue dress' (German: 'ein Turnschuh in Rot oben links', 'oben rechts: ein Kleid in Blau')."""
+    x, place = phrase(lang, cls, col), PLACES[lang][slot]
+    if variant == 1:
+        return f"{place}: {x}"
+    return f"{x} at the {place}" if lang == "en" else f"{x} {place}"
 
 
 def single_captions(cls, col):
@@ -215,14 +217,14 @@ def grids(name, n, pool_images, pool_labels, pool_ids, stream, folder, fields):
         rel = f"images/{name}/{i:05d}.png"
         Image.fromarray(compose(pool_images[ids[i]], colours[i], offsets[i])).save(folder / rel)
         caps = {"short": [item_caption(s, classes[s], colours[i, s], variants[i, s]) for s in range(4)],
+                "short_de": [item_caption(s, classes[s], colours[i, s], variants[i, s], "de") for s in range(4)],
                 "long": [], "de": [], "fr": []}
         for template in rng.choice(3, 2, replace=False):  # two different templates per image
             order = rng.permutation(4) if rng.random() < 0.5 else np.arange(4)  # reading or shuffled order
             items = [(int(s), classes[s], int(colours[i, s])) for s in order]
             for lang, field in (("en", "long"), ("de", "de"), ("fr", "fr")):
                 caps[field].append(long_caption(lang, int(template), items))
-        keep = {"short": caps["short"], "long": caps["long"], "de": caps["de"], "de1": caps["de"][:1],
-                "fr1": caps["fr"][:1]}
+        keep = {**caps, "de1": caps["de"][:1], "fr1": caps["fr"][:1]}
         records.append({"image": rel, "captions": {f.rstrip("1"): keep[f] for f in fields}})
     return records
 
@@ -355,7 +357,8 @@ if __name__ == "__main__":
                 singles("single", n_single, train_images, train_labels, train_pool[a:b], 2, tmp_dir))
     splits = {
         "pretrain": pretrain,
-        "train": grids("train", n_train, train_images, train_labels, train_pool[b:c], 3, tmp_dir, ["short", "long", "de"]),
+        "train": grids("train", n_train, train_images, train_labels, train_pool[b:c], 3, tmp_dir,
+                       ["short", "long", "short_de", "de"]),
         "test": grids("test", n_test, test_images, test_labels, test_pool[:4 * n_test], 4, tmp_dir,
                       ["short", "long", "de1", "fr1"]),
         "zeroshot": singles("zeroshot", n_zeroshot, test_images, test_labels,
@@ -376,7 +379,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     from dataset import check_manifest
     check_manifest(tmp_dir / "pretrain.jsonl", fields=["short"])
-    check_manifest(tmp_dir / "train.jsonl", fields=["short", "long", "de"])
+    check_manifest(tmp_dir / "train.jsonl", fields=["short", "long", "short_de", "de"])
     check_manifest(tmp_dir / "test.jsonl", fields=["short", "long", "de", "fr"])
     check_manifest(tmp_dir / "zeroshot.jsonl", fields=["short"], label=True)
 
