@@ -3,7 +3,7 @@ Run the frozen LLM once over every caption of a manifest and write a memory-mapp
 that stage 2 never runs the LLM (LLM2CLIP: 17 h with a LoRA-tuned LLM in the loop, 1.3 h with a frozen
 LLM and cached embeddings, same or better accuracy).
 
-    python embed_cache.py --manifest=data/fashion/train.jsonl --model=data/smollm2/hf --out_dir=out/cache/train
+    python embed_cache.py --manifest=data/fashion/out/train.jsonl --model=data/smollm2/hf --out_dir=out/cache/train
     torchrun --standalone --nproc_per_node=8 embed_cache.py --manifest=... --model=... --out_dir=...
 
 In:  a JSONL manifest (dataset.py; indexed on first use) and an HF Llama folder (raw, or merged after stage 1).
@@ -46,7 +46,6 @@ embed_cache.py again: it redoes a damaged field; a meta.json that does not parse
 """
 
 import functools
-import hashlib
 import json
 import os
 import time
@@ -59,10 +58,10 @@ from tqdm import tqdm
 
 import model as M
 from dataset import Manifest, read_manifest
-from train_common import setup_distributed, teardown_distributed
+from train_common import files_fingerprint, setup_distributed, teardown_distributed
 
 # -----------------------------------------------------------------------------
-manifest = "data/fashion/train.jsonl"
+manifest = "data/fashion/out/train.jsonl"
 index_dir = ""                   # where the manifest's index goes; "" = beside it (<manifest>.index/)
 model = "data/smollm2/hf"        # HF Llama folder
 out_dir = "out/cache/train"
@@ -76,43 +75,14 @@ chunk_size = 2048                # captions per resumable unit of work
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 # -----------------------------------------------------------------------------
 DTYPES = ("float32", "bfloat16", "float16")
-FINGERPRINTS = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nano-llm2clip",
-                            "fingerprints.json")
-
-def sha256_files(paths):
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            while block := f.read(1 << 24):
-                h.update(block)
-    return h.hexdigest()
 
 @functools.lru_cache(maxsize=None)
 def model_fingerprint(path):
     """sha256 of config.json and every safetensors file: any change of weights gives another cache.
-    Remembered per (real path, name, size, mtime, inode) of those files in FINGERPRINTS, so an unchanged
-    8B model (16 GB) is not rehashed at every start; a changed file changes the key and is hashed again."""
+    Remembered per (real path, size, mtime, inode) of those files (train_common.files_fingerprint), so an
+    unchanged 8B model (16 GB) is not rehashed at every start."""
     names = ["config.json"] + sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
-    files = [os.path.join(path, n) for n in names]
-    key = json.dumps([os.path.realpath(path)] + [[n, s.st_size, s.st_mtime_ns, s.st_ino]
-                                                  for n, s in zip(names, map(os.stat, files))])
-    try:
-        with open(FINGERPRINTS) as f:
-            known = json.load(f)
-    except (OSError, ValueError):
-        known = {}
-    if key in known:
-        return known[key]
-    sha = sha256_files(files)
-    try:  # best effort: a read-only home only costs the rehash
-        os.makedirs(os.path.dirname(FINGERPRINTS), exist_ok=True)
-        tmp = f"{FINGERPRINTS}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({**known, key: sha}, f)
-        os.replace(tmp, FINGERPRINTS)
-    except OSError:
-        pass
-    return sha
+    return files_fingerprint([os.path.join(path, n) for n in names])
 
 # -----------------------------------------------------------------------------
 # integrity

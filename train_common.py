@@ -100,29 +100,36 @@ def global_batch(seed, step, n_images, G, fixed=False):
 # -----------------------------------------------------------------------------
 # checkpoints, and what they were made from: resuming with anything else is refused
 
-FILE_FINGERPRINTS = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nano-llm2clip",
-                                 "file_fingerprints.json")
+FINGERPRINTS = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nano-llm2clip",
+                            "fingerprints.json")
+
+def sha256_files(paths):
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+    return h.hexdigest()
 
 def files_fingerprint(files):
     """sha256 of the files' bytes (in the given order), remembered per (real path, size, mtime, inode) of
-    each in FILE_FINGERPRINTS, as embed_cache.model_fingerprint does: an unchanged adaptor of 1 GB is not
-    rehashed at every start."""
+    each in FINGERPRINTS: an unchanged 16 GB model or 1 GB adaptor is not rehashed at every start; a changed
+    file changes the key and is hashed again. Best effort: a read-only home only costs the rehash."""
     key = json.dumps([[os.path.realpath(p), s.st_size, s.st_mtime_ns, s.st_ino] for p, s in zip(files, map(os.stat, files))])
     try:
-        with open(FILE_FINGERPRINTS) as f:
+        with open(FINGERPRINTS) as f:
             known = json.load(f)
     except (OSError, ValueError):
         known = {}
     if key in known:
         return known[key]
-    from embed_cache import sha256_files
     sha = sha256_files(files)
-    try:  # best effort: a read-only home only costs the rehash
-        os.makedirs(os.path.dirname(FILE_FINGERPRINTS), exist_ok=True)
-        tmp = f"{FILE_FINGERPRINTS}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(FINGERPRINTS), exist_ok=True)
+        tmp = f"{FINGERPRINTS}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             json.dump({**known, key: sha}, f)
-        os.replace(tmp, FILE_FINGERPRINTS)
+        os.replace(tmp, FINGERPRINTS)
     except OSError:
         pass
     return sha
