@@ -731,7 +731,7 @@ def add_lora(model, r=16, alpha=32, dropout=0.05, targets=LORA_TARGETS, top_laye
     """Put adapters on every LoRALinear whose name ends with one of `targets`; freeze everything else.
     Defaults are the paper's (rank 16, alpha 32, dropout 0.05 on all seven projections of every layer).
     top_layers > 0: only the last `top_layers` layers get adapters, so the backward pass stops there (a
-    cheaper fine-tune: the CPU demo's choice, not the paper's)."""
+    cheaper fine-tune for small machines, not the paper's)."""
     first = len(model.layers) - top_layers if top_layers else 0
     hits = 0
     for name, m in model.named_modules():
@@ -1106,7 +1106,7 @@ def tokenize_for_embedding(tokenizer, texts, instruction="", max_length=512, tem
     """Texts -> (token id lists, prefix lengths). A row is
         [BOS if the tokenizer adds one] + head + instruction + caption + tail
     where template = head + "{}" + tail (a setting of caption_template: "auto" is resolved here; "" = no
-    wrap, the default until the scripts record the setting). The prefix (BOS, head, instruction) is
+    wrap; the scripts pass their `template` setting, "auto" by default). The prefix (BOS, head, instruction) is
     attended to but left out of the pooling by `skip_instruction`; the caption's tokens and the tail are
     pooled (LLM2CLIP pools Llama 3's <|eot_id|>), so queries (with an instruction) and keys (without) pool
     the same kind of tokens, never BOS, the chat header or the instruction (LLM2Vec's rule). Over

@@ -144,8 +144,8 @@ def llm2clip_step(llm, tok, tmpl, records, images, rng, part, device):
         a.append(ca[j])
         b.append(cb[k])
     # one coin for the whole batch: every query is of one field, every key of the other. With a coin per image
-    # half of a query's negatives would be of its own kind (short vs long, English vs German) and closer to it
-    # than its positive by kind alone; that loss starts near 18 at batch 16 and ends collapsed at ln 16
+    # half of a query's negatives would be keys of the query's own kind (short vs long, English vs German),
+    # which can be closer to it than its positive by kind alone
     if rng.random() < 0.5:
         a, b = b, a
     queries, keys = a[part], b[part]
