@@ -1,6 +1,6 @@
 """LLM2CLIP's released LLM (microsoft/LLM2CLIP-Llama-3.2-1B-Instruct-CC-Finetuned) in our loader, with no
 remote code. No hub here: a tiny model is saved in the release's layout and config shape, as far as they
-are known (see /work/notes: config.json from the model page; the key layout inferred from the remote
+are known (config.json as the model page shows it; the key layout inferred from the remote
 class, a LlamaModel subclass, which saves without the `model.` prefix):
   config.json: architectures ["LlamaBiModel"], auto_map to modeling_bidirectional_llama_encoder.LlamaBiModel,
   model_type llama, eos_token_id a list, no pad_token_id, tie_word_embeddings true, rope_scaling llama3

@@ -37,6 +37,8 @@ only 77 tokens of them; LLM2CLIP lets an LLM read the whole caption. Here:
            grid that fills the base CLIP's context, so it reads at most one or two items of a long caption.
     de     train: the two long captions in German (LLM2CLIP stage 1 pairs them with English ones, so the
            LLM learns German; stage 2 never sees it); test: the first long caption in German.
+    short_de  train only: the four short captions in German, item by item (stage 1 pairs each with its
+           English one: "short=short_de").
     fr     test only: the first long caption in French, a language no stage ever trains on.
     label  single images only: the item's class (zero-shot classification).
 """
@@ -306,16 +308,19 @@ def ambiguity(records):
     return out
 
 
+FORMAT = 2  # bump when what a build writes changes (2: short_de in train): an older build is refused, not reused
+
 def config():
-    return {k: globals()[k] for k in ("src", "n_pretrain", "n_single", "n_train", "n_test", "n_zeroshot",
-                                      "image_size", "seed", "cupl_classes", "cupl_per_class")}
+    return {"format": FORMAT} | {k: globals()[k] for k in ("src", "n_pretrain", "n_single", "n_train", "n_test",
+                                                           "n_zeroshot", "image_size", "seed", "cupl_classes",
+                                                           "cupl_per_class")}
 
 
 if __name__ == "__main__":
     # --key=value overrides, type-checked against the defaults above (nanoGPT style)
     for arg in sys.argv[1:]:
         key, _, val = arg.removeprefix("--").partition("=")
-        if key not in config() and key not in ("out", "tokenizer"):
+        if key not in config() and key not in ("out", "tokenizer") or key == "format":
             sys.exit(f"unknown argument {arg!r} (settings: {', '.join(sorted(config()))}, out, tokenizer)")
         try:
             val = ast.literal_eval(val)
