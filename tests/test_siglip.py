@@ -183,7 +183,7 @@ def test_preprocess_read_from_hf_processor_files_and_matches_them(clip_model, si
         p = M.load_image_tower(path).preprocess
         assert p == expected, p
         # even crop margins only: for an odd one HF's PIL processor floors the offset, OpenAI's transform
-        # (torchvision's CenterCrop, and dataset.py) rounds it: the crops then differ by one pixel
+        # (its center crop, and dataset.py) rounds it: the crops then differ by one pixel
         for shape in [(36, 54), (54, 36), (30, 30), (20, 90)]:
             img = Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8))
             ref = proc(images=img, return_tensors="pt")["pixel_values"][0]

@@ -15,7 +15,7 @@ In, one of two layouts (the first that applies):
     after Swin Transformer's); unpack val.zip into <root>/val/ first: the manifest needs plain files.
   * ImageFolder: <root>/val/<wnid>/*.JPEG (or <root>/<wnid>/*.JPEG when there is no val/ folder), the
     usual layout after sorting the val tarball into class folders; label = the wnid's index in the 1000
-    ImageNet-1k wnids sorted (the standard class index, torchvision's ImageFolder order). Entries of a
+    ImageNet-1k wnids sorted (the standard class index: folders in sorted order). Entries of a
     class folder that are not .jpeg/.jpg/.png files, and files or hidden folders beside the class
     folders, are counted and printed; any other folder there (not one of the 1000 wnids) is a fault.
   (--images=<folder> names the folder holding the images or class folders, if it is neither of these.)
