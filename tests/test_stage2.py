@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import model as M
-from tiny import run_script, tiny_clip, tiny_llm, write_images, write_manifest
+from tiny import (checkpoint_weights, ranks_vs_global_batch, run_script, tiny_clip, tiny_llm, write_images,
+                  write_manifest)
 
 N = 24
 
@@ -48,8 +49,7 @@ def train(setup, out, method="llm2clip", torchrun=0, check=True, **kw):
     log = os.path.join(out, "log.jsonl")
     return r, [json.loads(line) for line in open(log)] if os.path.isfile(log) else []
 
-def weights(out):
-    return load_file(os.path.join(out, "ckpt", "weights.safetensors"))
+weights = checkpoint_weights
 
 @pytest.mark.parametrize("method,kw", [("llm2clip", {}), ("proclip", {}), ("clip", {"clip": ""})])
 def test_loss_falls_on_a_fixed_batch(setup, method, kw):
@@ -78,15 +78,7 @@ def test_resume_gives_the_same_weights(setup, method, kw):
 def test_two_ranks_equal_one_process_with_the_global_batch(setup):
     """2 ranks x 4 images take the same 3 steps as 1 process x 8 images (weights within fp32 rounding),
     and the ranks really split the batch: 1 process x 4 images ends elsewhere."""
-    d = setup["dir"]
-    kw = dict(max_steps=3, warmup_steps=1)
-    train(setup, d / "one", batch_size=8, **kw)
-    train(setup, d / "two", batch_size=4, torchrun=2, **kw)
-    train(setup, d / "half", batch_size=4, **kw)
-    one, two, half = weights(d / "one"), weights(d / "two"), weights(d / "half")
-    moved = max((one[k] - two[k]).abs().max().item() for k in one)
-    change = max((one[k] - half[k]).abs().max().item() for k in one)
-    print(f"max |one - two| = {moved:.2e}, max |one - half batch| = {change:.2e}")
+    _, _, moved, change = ranks_vs_global_batch(train, setup)
     assert moved < 1e-5 and change > 1e-4
 
 def test_exports_load(setup):

@@ -19,7 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import transformers  # noqa: E402
 
 import model as M  # noqa: E402
-from tiny import run_script, tiny_clip, tiny_llm, write_images, write_manifest  # noqa: E402
+from tiny import (checkpoint_weights, ranks_vs_global_batch, run_script, tiny_clip, tiny_llm,  # noqa: E402
+                  write_images, write_manifest)
 
 N = 24
 SCALE, BIAS = math.log(20.0), -4.0  # the tiny SigLIP's logit scale and bias: neither SigLIP's init nor CLIP's
@@ -65,8 +66,7 @@ def train(setup, out, method="llm2clip", torchrun=0, check=True, tower="siglip",
     log = os.path.join(out, "log.jsonl")
     return r, [json.loads(line) for line in open(log)] if os.path.isfile(log) else []
 
-def weights(out):
-    return load_file(os.path.join(out, "ckpt", "weights.safetensors"))
+weights = checkpoint_weights
 
 # -----------------------------------------------------------------------------
 # training
@@ -99,15 +99,7 @@ def test_resume_gives_the_same_weights(setup, method, kw):
 def test_two_ranks_equal_one_process_with_the_global_batch(setup):
     """2 ranks x 4 images take the same 3 steps as 1 process x 8 (the sigmoid loss gathers the texts of both
     ranks; the bias is averaged by DDP like every gradient), and 1 process x 4 images ends elsewhere."""
-    d = setup["dir"]
-    kw = dict(max_steps=3, warmup_steps=1)
-    train(setup, d / "one", batch_size=8, **kw)
-    train(setup, d / "two", batch_size=4, torchrun=2, **kw)
-    train(setup, d / "half", batch_size=4, **kw)
-    one, two, half = weights(d / "one"), weights(d / "two"), weights(d / "half")
-    moved = max((one[k] - two[k]).abs().max().item() for k in one)
-    change = max((one[k] - half[k]).abs().max().item() for k in one)
-    print(f"SigLIP, sigmoid: max |one - two| = {moved:.2e}, max |one - half batch| = {change:.2e}")
+    one, two, moved, change = ranks_vs_global_batch(train, setup, "SigLIP, sigmoid: ")
     assert moved < 1e-5 and change > 1e-4
     assert abs(one["logit_bias"] - two["logit_bias"]).item() < 1e-6 and one["logit_bias"] != BIAS
 

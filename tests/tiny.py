@@ -75,3 +75,22 @@ def run_script(script, args, torchrun=0, check=True, env=None):
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+def checkpoint_weights(out):
+    """The tensors of a stage script's last checkpoint in `out`."""
+    from safetensors.torch import load_file
+    return load_file(os.path.join(out, "ckpt", "weights.safetensors"))
+
+def ranks_vs_global_batch(train, setup, label=""):
+    """Run `train(setup, out, ...)` (a test file's stage-2 runner) 3 steps three ways: 1 process x 8 images,
+    2 torchrun ranks x 4 and 1 process x 4. Returns the weights of the first two (one, two)
+    and max |one - two|, max |one - half|, printed for `pytest -s`."""
+    d = setup["dir"]
+    for name, extra in (("one", dict(batch_size=8)), ("two", dict(batch_size=4, torchrun=2)),
+                        ("half", dict(batch_size=4))):
+        train(setup, d / name, max_steps=3, warmup_steps=1, **extra)
+    one, two, half = (checkpoint_weights(d / name) for name in ("one", "two", "half"))
+    moved = max((one[k] - two[k]).abs().max().item() for k in one)
+    change = max((one[k] - half[k]).abs().max().item() for k in one)
+    print(f"{label}max |one - two| = {moved:.2e}, max |one - half batch| = {change:.2e}")
+    return one, two, moved, change
