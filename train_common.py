@@ -169,7 +169,7 @@ def input_fingerprint(name, path, manifest=None, fields=()):
 
 def run_identity(config, settings, inputs, manifest=None, fields=()):
     """What a run is made from, saved with its checkpoints and compared on resume (load_checkpoint):
-    settings: names of config values that decide the model's sizes, the data and its order, or the schedule;
+    settings: names of config values that decide the model's sizes, the data and its order, or the run's length;
               compared by value;
     inputs:   names of config values that are paths to what the run reads (manifest, models, cache, adaptor,
               tokenizer); recorded with their path and compared by content (input_fingerprint), so a moved

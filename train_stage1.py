@@ -89,7 +89,7 @@ fixed_batch = False              # train on step 0's batch forever (an overfitti
 grad_dump = ""                   # debug: save each step's averaged gradients here (safetensors; tests)
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 # -----------------------------------------------------------------------------
-# a checkpoint resumes only with these settings unchanged (the data, its order, the schedule, the sizes) and
+# a checkpoint resumes only with these settings unchanged (the data, its order, the run length, the sizes) and
 # with the same content in these inputs (compared by fingerprint: train_common.run_identity)
 MUST_MATCH = ("batch_size", "seed", "max_steps", "method", "template", "pairs", "ins_fields", "instruction", "max_length",
               "lora_r", "lora_alpha", "lora_top_layers", "adaptor_out")
@@ -127,7 +127,8 @@ def llm2clip_step(llm, tok, tmpl, records, images, rng, part, device):
     # whatever the number of ranks
     # one field pair for the whole global batch, as the official code keeps each batch to one data set: in a
     # mixed batch the negatives of another kind (another language, short vs long) are told apart by kind alone
-    fa, fb, parallel = field_pairs()[int(rng.integers(len(field_pairs())))]
+    fp = field_pairs()
+    fa, fb, parallel = fp[int(rng.integers(len(fp)))]
     a, b = [], []
     for i in images:
         ca, cb = records[i]["captions"][fa], records[i]["captions"][fb]
@@ -200,7 +201,8 @@ def main(config):
                  (method != "proclip" or clip, "clip='': method=proclip needs an HF CLIP folder (its text tower teaches)"),
                  (all(ins_fields.split(",")), f"ins_fields={ins_fields!r}: expected caption fields like 'short,short'")],
           folders=("out_dir",))
-    field_pairs()  # (a malformed `pairs` is refused now)
+    # the caption fields the run reads (a malformed `pairs` is refused now)
+    used = sorted({f for a, b, _ in field_pairs() for f in (a, b)} if method == "llm2clip" else set(ins_fields.split(",")))
     ddp, rank, world, device = setup_distributed()
     master = rank == 0
     amp = torch.autocast("cuda", dtype=getattr(torch, dtype)) if "cuda" in device and dtype != "float32" \
@@ -216,7 +218,7 @@ def main(config):
 
     if method == "llm2clip":
         # every image must have captions in every field (and parallel fields as many): fail now, not mid-run
-        records.require(fields=sorted({f for a, b, _ in field_pairs() for f in (a, b)}), images="ignore")
+        records.require(fields=used, images="ignore")
         # the frozen base in the compute dtype; the LoRA tensors add_lora creates stay fp32
         net = M.Llama.from_pretrained(model, dtype=getattr(torch, dtype)).to(device)
         M.add_lora(net, lora_r, lora_alpha, lora_dropout, top_layers=lora_top_layers)
@@ -244,8 +246,7 @@ def main(config):
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)  # one kernel for all tensors
 
     ckpt = M.recover(os.path.join(out_dir, "ckpt"))
-    identity = run_identity(config, MUST_MATCH, INPUTS[method], records, sorted(
-        {f for a, b, _ in field_pairs() for f in (a, b)} if method == "llm2clip" else set(ins_fields.split(","))))
+    identity = run_identity(config, MUST_MATCH, INPUTS[method], records, used)
     step = load_checkpoint(ckpt, trainable, opt, identity) if os.path.isdir(ckpt) else 0
     if master:
         os.makedirs(out_dir, exist_ok=True)

@@ -110,7 +110,7 @@ fixed_batch = False              # train on step 0's batch forever (an overfitti
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype of the towers on a GPU
 grad_checkpointing = False       # recompute each tower layer in the backward (real-size batches need it: estimate_memory.py)
 # -----------------------------------------------------------------------------
-# a checkpoint resumes only with these settings unchanged (the data, its order, the schedule, the sizes) and
+# a checkpoint resumes only with these settings unchanged (the data, its order, the run length, the sizes) and
 # with the same content in these inputs (compared by fingerprint: train_common.run_identity)
 MUST_MATCH = ("method", "loss", "batch_size", "seed", "max_steps", "fields", "skip_bad", "embed_dim", "image_size", "patch_size",
               "vision_width", "vision_layers", "text_width", "text_layers", "context_length")
@@ -281,10 +281,6 @@ def main(config):
           folders=("out_dir",))
     ddp, rank, world, device = setup_distributed()
     master = rank == 0
-    if method not in ("llm2clip", "proclip", "clip"):
-        raise ValueError(f"method {method!r}: expected llm2clip, proclip or clip")
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype {dtype!r}: float32 or bfloat16 (float16 would need a gradient scaler)")
     amp = torch.autocast("cuda", dtype=getattr(torch, dtype), enabled=dtype != "float32") if "cuda" in device \
         else torch.autocast("cpu", enabled=False)
     torch.manual_seed(seed)  # fresh weights start the same on every rank and every run
