@@ -38,7 +38,9 @@ official LLM2CLIP code wraps every caption of a Llama-3-Instruct model in its us
 resolved once the tokenizer is loaded, and meta.json records the resolved string ("" = no wrap), so the
 cache's identity does not depend on how the setting was spelled: a resume with another template is
 refused, and a stage-2 model trained on this cache carries the string into its text.json, which
-evaluate.py checks against any cache it reads. An older meta.json without the key means "".
+evaluate.py checks against any cache it reads. An older meta.json without the key means "". The same
+holds for `attention` (an older meta.json: "bidirectional"). A stage-1 folder's embedder.json says how
+stage 1 embedded captions; another attention or template here is refused (model.check_embedder).
 
 Integrity: on every open (open_cache, and embed_cache.py itself) each field's .npy must have the header,
 rows, width and dtype meta.json records and its full size; a damaged file is named with the fix (run
@@ -69,6 +71,8 @@ fields = ""                      # comma-separated caption fields; "" = every fi
 instruction = ""                 # prepended and attended to, not pooled; "" = none
 template = "auto"                # caption template (model.caption_template): "auto" = the chat wrap the tokenizer's
                                  # vocabulary implies (Llama 3's user turn, ChatML, or none); "none"; or "...{}..."
+attention = "bidirectional"      # the LLM's attention: "bidirectional" (LLM2Vec / LLM2CLIP) or "causal" (the
+                                 # plain decoder); as stage 1 trained the model (its embedder.json says which)
 max_length = 512                 # tokens per caption (instruction included); longer ones are cut and reported
 batch_size = 64
 chunk_size = 2048                # captions per resumable unit of work
@@ -182,7 +186,8 @@ def write_rows(path, start, emb):
 
 def main():
     from configurator import check  # one line per bad setting; out_dir must be writable before any work
-    check(globals(), positive=("batch_size", "chunk_size", "max_length"), choices={"dtype": DTYPES}, folders=("out_dir",))
+    check(globals(), positive=("batch_size", "chunk_size", "max_length"), folders=("out_dir",),
+          choices={"dtype": DTYPES, "attention": M.ATTENTION})
     # gloo even on GPUs: the ranks only meet at barriers, and uneven work must not trip NCCL's watchdog
     ddp, rank, world, device = setup_distributed("gloo")
     barrier = dist.barrier if ddp else (lambda: None)
@@ -192,9 +197,10 @@ def main():
     for f in names:
         man.ptr(f)  # a field no record has: KeyError naming the manifest and its fields
     counts = {f: man.n_rows(f) for f in names}
-    llm = M.Llama.from_pretrained(model, dtype=getattr(torch, dtype)).to(device).eval()
+    llm = M.Llama.from_pretrained(model, dtype=getattr(torch, dtype), causal=attention == "causal").to(device).eval()
     tok = M.load_tokenizer(model)
     tmpl = M.caption_template(tok, template)  # the resolved string ("" = no wrap): what meta.json records
+    M.check_embedder(model, attention, tmpl)
     meta_path = os.path.join(out_dir, "meta.json")
     # rank 0 checks an existing cache and (re)writes meta.json; the others read its verdict after the barrier
     if rank == 0:
@@ -203,12 +209,12 @@ def main():
         meta = dict(model=model, model_sha256=model_fingerprint(model), manifest=manifest,
                     dim=llm.config.hidden_size, dtype="float16", compute_dtype=dtype, batch_size=batch_size,
                     pooling="mean", instruction=instruction, max_length=max_length, template=tmpl,
-                    chunk_size=chunk_size,
+                    attention=attention, chunk_size=chunk_size,
                     fields={f: dict(count=counts[f], captions_fingerprint=man.fingerprint(f)) for f in names})
         os.makedirs(os.path.join(out_dir, "done"), exist_ok=True)
         old = {}
         if os.path.isfile(meta_path):  # resume: only into a cache made with exactly these settings
-            old = {"template": "", **read_meta(out_dir)}  # a cache from before templates: no wrap
+            old = {"template": "", "attention": "bidirectional", **read_meta(out_dir)}  # older caches: their defaults
             if any("captions_fingerprint" not in v for v in old.get("fields", {}).values()):
                 raise ValueError(f"{meta_path}: a cache made by an older embed_cache.py (caption fingerprints of "
                                  f"another kind); delete {out_dir} and run again to rebuild it")

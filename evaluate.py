@@ -102,6 +102,7 @@ llm = ""                         # stage 2: the LLM folder, if not where text.js
 cupl = "data/fashion/out/cupl.json"  # Llama mode: {"texts": [...], "group": [...]}; "" to skip
 instruction = "Given a caption, retrieve a similar relevant caption."  # Llama mode: on c2c queries; "" for none
 template = "auto"                # Llama mode: caption template (model.caption_template); stage 2 uses text.json's
+attention = "bidirectional"      # Llama mode: "bidirectional" or "causal" (as stage 1 trained it); stage 2 uses text.json's
 name = ""                        # the row's name in the JSON ("" = the model path)
 max_length = 512                 # Llama mode: tokens per caption (stage 2 uses text.json's)
 batch_size = 64
@@ -266,7 +267,7 @@ class StageTwoText:
 
     def __init__(self, path, device):
         with open(os.path.join(path, "text.json")) as f:
-            self.info = {"template": "", **json.load(f)}  # a text.json from before templates: no wrap
+            self.info = {"template": "", "attention": "bidirectional", **json.load(f)}  # older text.json: their defaults
         self.path, self.template = path, self.info["template"]
         self.llm_path = llm or self.info["llm"]
         if not os.path.isdir(self.llm_path):
@@ -281,8 +282,8 @@ class StageTwoText:
     def check_cache(self, cache_dir):
         """The cache's embeddings must be made as the adaptor's training embeddings were: the same
         instruction, max length and caption template (the LLM and the captions: open_field)."""
-        meta = {"template": "", **read_meta(cache_dir)}  # a cache from before templates: no wrap
-        for key in ("instruction", "max_length", "template"):
+        meta = {"template": "", "attention": "bidirectional", **read_meta(cache_dir)}  # older caches: their defaults
+        for key in ("instruction", "max_length", "template", "attention"):
             if meta.get(key) != self.info[key]:
                 raise ValueError(f"{cache_dir}: embedded with {key} {meta.get(key)!r}, but {self.path} was trained on "
                                  f"embeddings with {key} {self.info[key]!r} ({self.path}/text.json)")
@@ -293,7 +294,8 @@ class StageTwoText:
 
     def llm_embed(self, texts):
         if self.llm is None:
-            self.llm = M.Llama.from_pretrained(self.llm_path, dtype=getattr(torch, dtype)).to(self.device).eval()
+            self.llm = M.Llama.from_pretrained(self.llm_path, dtype=getattr(torch, dtype),
+                                               causal=self.info["attention"] == "causal").to(self.device).eval()
             self.tok = M.load_tokenizer(self.llm_path)
         chunk = 16 * batch_size
         return torch.cat([M.embed_texts(self.llm, self.tok, texts[s:s + chunk], self.info["instruction"],
@@ -390,9 +392,10 @@ def evaluate_towers(kind, device):
 def evaluate_llm(device):
     """The stage-1 check: caption-to-caption top-1 of an LLM, the instruction on queries only, every
     caption wrapped in the caption template (resolved here, from the LLM's tokenizer)."""
-    net = M.Llama.from_pretrained(model, dtype=getattr(torch, dtype)).to(device).eval()
+    net = M.Llama.from_pretrained(model, dtype=getattr(torch, dtype), causal=attention == "causal").to(device).eval()
     tok = M.load_tokenizer(model)
     tmpl = M.caption_template(tok, template)
+    M.check_embedder(model, attention, tmpl)
     print(f"caption template {template!r}: " + (repr(tmpl) if tmpl else "none (captions as given)"))
     def c2c(texts, group):
         q = M.embed_texts(net, tok, texts, instruction, max_length, batch_size, tmpl)
@@ -574,7 +577,7 @@ def evaluate_benchmarks(kind, device):
 def main(config):
     from configurator import check
     check(config, positive=("batch_size", "max_length"), nonnegative=("num_workers",),
-          choices={"dtype": ("float32", "bfloat16", "float16")}, files=("out",),
+          choices={"dtype": ("float32", "bfloat16", "float16"), "attention": M.ATTENTION}, files=("out",),
           rules=[(model != "", "model='': name a stage-2, HF CLIP or HF Llama folder")])
     t0 = time.time()
     kind = model_kind(model)

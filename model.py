@@ -1002,9 +1002,10 @@ class Llama(nn.Module):
         model.hf_config = raw
         return model
 
-    def save_pretrained(self, out, tokenizer_from=None):
+    def save_pretrained(self, out, tokenizer_from=None, embedder=None):
         """Export as an HF LlamaForCausalLM folder (LoRA merged in, the model itself untouched):
-        model.safetensors + config.json + the tokenizer files of `tokenizer_from` (default: the source)."""
+        model.safetensors + config.json + the tokenizer files of `tokenizer_from` (default: the source),
+        and embedder.json when `embedder` (a dict: how stage 1 embedded captions, see check_embedder)."""
         from safetensors.torch import save_file
         sd = {}
         for name, m in self.named_modules():
@@ -1036,6 +1037,9 @@ class Llama(nn.Module):
                 for n in TOKENIZER_FILES:
                     if os.path.isfile(os.path.join(src, n)):
                         shutil.copy(os.path.join(src, n), os.path.join(tmp, n))
+            if embedder:
+                with open(os.path.join(tmp, "embedder.json"), "w") as f:
+                    json.dump(embedder, f, indent=2)
         atomic_write(out, write)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -1101,6 +1105,23 @@ def caption_template(tokenizer, setting="auto"):
         raise ValueError(f"caption template {setting!r}: expected 'auto', 'none', or a format string with "
                          f"one '{{}}' where the caption goes")
     return setting
+
+ATTENTION = ("bidirectional", "causal")  # how a Llama embeds: LLM2Vec's bidirectional mask, or the decoder's own
+
+def check_embedder(path, attention, template):
+    """A stage-1 LLM folder records in embedder.json the attention and (resolved) caption template it was
+    trained with; embedding with others gives vectors stage 1 never shaped, silently. Refused, naming both.
+    A folder without the file (a raw LLM) accepts any."""
+    f = os.path.join(path, "embedder.json")
+    if not os.path.isfile(f):
+        return
+    with open(f) as fh:
+        rec = json.load(fh)
+    for key, value in (("attention", attention), ("template", template)):
+        if key in rec and rec[key] != value:
+            raise ValueError(f"{f}: stage 1 trained this LLM with {key} {rec[key]!r}, but this run embeds with "
+                             f"{value!r}; set {key}={rec[key]!r}" + (" (the template setting resolves to the string)"
+                                                                     if key == "template" else ""))
 
 def tokenize_for_embedding(tokenizer, texts, instruction="", max_length=512, template=""):
     """Texts -> (token id lists, prefix lengths). A row is

@@ -63,6 +63,7 @@ pairs = "short:long"             # llm2clip: field pairs; each step draws one fo
 instruction = "Given a caption, retrieve a similar relevant caption."  # on queries only (the paper's)
 template = "auto"                # caption template: "auto" (the tokenizer's chat wrap, if any), "none", or "...{}..."
 max_length = 512                 # tokens per caption, instruction included
+attention = "bidirectional"      # llm2clip: "bidirectional" (LLM2Vec / the paper) or "causal" (the plain decoder; the demo)
 simcse_scale = 50.0              # 1 / temperature 0.02
 lora_r = 16                      # the paper's LoRA: rank 16, alpha 32, dropout 0.05, all 7 projections
 lora_alpha = 32
@@ -91,8 +92,8 @@ dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 # -----------------------------------------------------------------------------
 # a checkpoint resumes only with these settings unchanged (the data, its order, the run length, the sizes) and
 # with the same content in these inputs (compared by fingerprint: train_common.run_identity)
-MUST_MATCH = ("batch_size", "seed", "max_steps", "method", "template", "pairs", "ins_fields", "instruction", "max_length",
-              "lora_r", "lora_alpha", "lora_top_layers", "adaptor_out")
+MUST_MATCH = ("batch_size", "seed", "max_steps", "method", "template", "attention", "pairs", "ins_fields", "instruction",
+              "max_length", "lora_r", "lora_alpha", "lora_top_layers", "adaptor_out")
 INPUTS = {"llm2clip": ("manifest", "model"), "proclip": ("manifest", "model", "cache", "clip")}
 
 def lr_at(step):
@@ -194,7 +195,7 @@ def main(config):
     check(config, positive=("batch_size", "max_steps", "log_interval", "ckpt_interval", "max_length", "lr", "simcse_scale",
                             "lora_r", "lora_alpha", "grad_clip"),
           nonnegative=("warmup_steps", "min_lr", "weight_decay", "lora_top_layers", "adaptor_out", "struct_beta", "halt_at"),
-          choices={"method": ("llm2clip", "proclip"), "dtype": ("float32", "bfloat16")},  # (float16 needs a grad scaler)
+          choices={"method": ("llm2clip", "proclip"), "dtype": ("float32", "bfloat16"), "attention": M.ATTENTION},  # (float16 needs a grad scaler)
           rules=[(warmup_steps <= max_steps, f"warmup_steps={warmup_steps}: more than max_steps={max_steps}"),
                  (min_lr <= lr, f"min_lr={min_lr}: more than lr={lr}"),
                  (0 <= lora_dropout < 1, f"lora_dropout={lora_dropout}: must be within [0, 1)"),
@@ -220,7 +221,7 @@ def main(config):
         # every image must have captions in every field (and parallel fields as many): fail now, not mid-run
         records.require(fields=used, images="ignore")
         # the frozen base in the compute dtype; the LoRA tensors add_lora creates stay fp32
-        net = M.Llama.from_pretrained(model, dtype=getattr(torch, dtype)).to(device)
+        net = M.Llama.from_pretrained(model, dtype=getattr(torch, dtype), causal=attention == "causal").to(device)
         M.add_lora(net, lora_r, lora_alpha, lora_dropout, top_layers=lora_top_layers)
         net.grad_checkpointing = grad_checkpointing
         tok = M.load_tokenizer(model)
@@ -290,7 +291,8 @@ def main(config):
         net.eval()
         if method == "llm2clip":
             M.save_lora(net, os.path.join(out_dir, "lora.safetensors"))
-            net.save_pretrained(os.path.join(out_dir, "merged"))
+            net.save_pretrained(os.path.join(out_dir, "merged"), embedder=dict(  # checked by embed_cache/evaluate
+                attention=attention, template=tmpl, instruction=instruction, max_length=max_length, pooling="mean"))
         else:
             net.save_pretrained(out_dir)
         print(f"done in {time.time() - t_start:.0f}s: {out_dir}")

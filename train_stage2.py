@@ -251,6 +251,7 @@ def export(out, net, tok, config):
             with open(os.path.join(tmp, "text.json"), "w") as f:
                 json.dump(dict(llm=llm, llm_sha256=model_fingerprint(llm), instruction=meta["instruction"],
                                max_length=meta["max_length"], template=meta.get("template", ""),  # "": an older cache
+                               attention=meta.get("attention", "bidirectional"),
                                method=method, loss=loss, config=config), f, indent=2)
         else:
             sd.update({k: v.detach().float().contiguous().cpu() for k, v in text.state_dict().items()})

@@ -470,3 +470,48 @@ def test_stage1_wraps_queries_and_keys(tiny, chat, monkeypatch):
     loss = S1.llm2clip_step(llm, tok, M.caption_template(tok, S1.template), records, list(range(4)),
                             np.random.default_rng(0), slice(0, 4), "cpu")
     assert calls == [(S1.instruction, CHATML), ("", CHATML)] and torch.isfinite(loss)
+
+# -----------------------------------------------------------------------------
+# attention (bidirectional or causal) through the scripts: stage 1 records it, the others follow or refuse
+
+def test_causal_attention_from_stage1_to_evaluation(tiny, chat, tmp_path):
+    s1 = tmp_path / "s1"
+    run("train_stage1.py", method="llm2clip", manifest=tiny["manifest"], model=chat["llm"], out_dir=s1,
+        attention="causal", pairs="short:long", batch_size=4, max_steps=1, warmup_steps=0, dtype="float32")
+    merged = str(s1 / "merged")
+    assert json.load(open(s1 / "merged" / "embedder.json")) == dict(
+        attention="causal", template=CHATML, instruction="Given a caption, retrieve a similar relevant caption.",
+        max_length=512, pooling="mean")
+    # embedding it otherwise than stage 1 trained it is refused, naming the file and the setting
+    r = run("embed_cache.py", check=False, model=merged, manifest=tiny["manifest"], out_dir=tmp_path / "c_bi", batch_size=4)
+    assert r.returncode != 0 and f"{merged}/embedder.json: stage 1 trained this LLM with attention 'causal', but " \
+        f"this run embeds with 'bidirectional'; set attention='causal'" in r.stderr, r.stderr[-2000:]
+    r = run("embed_cache.py", check=False, model=merged, manifest=tiny["manifest"], out_dir=tmp_path / "c_none",
+            batch_size=4, attention="causal", template="none")
+    assert r.returncode != 0 and "stage 1 trained this LLM with template" in r.stderr, r.stderr[-2000:]
+    r = evaluate(tiny, "x", check=False, model=merged, cupl="")
+    assert r.returncode != 0 and "stage 1 trained this LLM with attention 'causal'" in r.stderr, r.stderr[-2000:]
+    # the cache records it, and its rows are those of the causal model (not of the bidirectional one)
+    cache = tmp_path / "c"
+    run("embed_cache.py", model=merged, manifest=tiny["manifest"], out_dir=cache, batch_size=4, attention="causal")
+    assert json.load(open(cache / "meta.json"))["attention"] == "causal"
+    texts, tok = Manifest(tiny["manifest"]).texts("long"), M.load_tokenizer(merged)
+    rows = np.load(cache / "long.npy").astype(np.float32)
+    for causal, close in ((True, True), (False, False)):
+        e = M.embed_texts(M.Llama.from_pretrained(merged, causal=causal).eval(), tok, texts, template=CHATML).numpy()
+        assert (np.abs(rows - e).max() < 2e-3) == close
+    # stage 2 carries it into text.json; its LLM path embeds causally; a bidirectional cache is refused
+    run("train_stage2.py", method="llm2clip", manifest=tiny["manifest"], clip=tiny["clip"], llm=merged, cache=cache,
+        out_dir=tmp_path / "s2", batch_size=4, max_steps=1, warmup_steps=0, embed_dim=16, num_workers=0, log_interval=1)
+    s2 = str(tmp_path / "s2" / "model")
+    assert json.load(open(os.path.join(s2, "text.json")))["attention"] == "causal"
+    import evaluate as E
+    np.testing.assert_allclose(E.StageTwoText(s2, "cpu").llm_embed(texts).numpy(), rows, atol=2e-3)
+    bi = tmp_path / "c_bi_meta"  # a cache that says bidirectional (otherwise the same)
+    shutil.copytree(cache, bi)
+    meta = json.load(open(bi / "meta.json"))
+    M.write_json(str(bi / "meta.json"), {k: v for k, v in meta.items() if k != "attention"})  # older: bidirectional
+    r = evaluate(tiny, "x", check=False, model=s2, cache=bi)
+    assert r.returncode != 0 and "embedded with attention 'bidirectional', but" in r.stderr, r.stderr[-2000:]
+    res, _ = evaluate(tiny, "causal_stage2", model=s2, cache=cache)
+    assert "long_i2t_r1" in res["results"]

@@ -5,7 +5,7 @@ does not learn here). Two probes, both with the scripts' tokenising, template an
      cosine of the positives and of the negatives, standard deviation of all 256 cosines;
   2. top-1 among the first `n` test grids: the image's other long caption, its German and its French one
      -> its first long caption.
-    python data/fashion/probe_stage1.py --model=data/smollm2/hf [--causal=True] [--n=200] [--data=data/fashion/out]
+    python data/fashion/probe_stage1.py --model=data/smollm2/hf [--attention=causal] [--n=200] [--data=data/fashion/out]
 """
 import json
 import os
@@ -17,16 +17,17 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import model as M  # noqa: E402
 
-model, data, n, causal, template = "data/smollm2/hf", "data/fashion/out", 200, False, "auto"
+model, data, n, attention, template = "data/smollm2/hf", "data/fashion/out", 200, "bidirectional", "auto"
 INSTRUCTION = "Given a caption, retrieve a similar relevant caption."  # train_stage1.py's default
 PAIRS = [("short", "long"), ("long", "short"), ("long", "long"), ("long", "de"), ("short", "short_de")]
 
 if __name__ == "__main__":
     from configurator import configure
     configure(globals())
-    llm = M.Llama.from_pretrained(model, dtype=torch.bfloat16, causal=causal).eval()
+    llm = M.Llama.from_pretrained(model, dtype=torch.bfloat16, causal=attention == "causal").eval()
     tok = M.load_tokenizer(model)
     tmpl = M.caption_template(tok, template)
+    M.check_embedder(model, attention, tmpl)
 
     @torch.no_grad()
     def embed(texts, instruction=""):
@@ -34,7 +35,7 @@ if __name__ == "__main__":
         i, m = M.pad_batch(ids)
         return F.normalize(M.mean_pool(llm(i, m), M.skip_instruction(m, pre)).float(), dim=-1)
 
-    print(f"{model} ({'causal' if causal else 'bidirectional'}, template {tmpl!r})")
+    print(f"{model} ({attention}, template {tmpl!r})")
     train = [json.loads(line) for _, line in zip(range(16), open(os.path.join(data, "train.jsonl")))]
     for fa, fb in PAIRS:  # caption 0 of fa against the last caption of fb (a different one for long:long)
         S = embed([r["captions"][fa][0] for r in train], INSTRUCTION) @ embed([r["captions"][fb][-1] for r in train]).T
