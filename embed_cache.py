@@ -38,9 +38,10 @@ official LLM2CLIP code wraps every caption of a Llama-3-Instruct model in its us
 resolved once the tokenizer is loaded, and meta.json records the resolved string ("" = no wrap), so the
 cache's identity does not depend on how the setting was spelled: a resume with another template is
 refused, and a stage-2 model trained on this cache carries the string into its text.json, which
-evaluate.py checks against any cache it reads. An older meta.json without the key means "". The same
-holds for `attention` (an older meta.json: "bidirectional"). A stage-1 folder's embedder.json says how
-stage 1 embedded captions; another attention or template here is refused (model.check_embedder).
+evaluate.py checks against any cache it reads. The same holds for `attention`. An older meta.json
+without these keys reads as made with no wrap and bidirectional attention (read_meta, OLDER_DEFAULTS).
+A stage-1 folder's embedder.json says how stage 1 embedded captions; another attention or template here
+is refused (model.check_embedder).
 
 Integrity: on every open (open_cache, and embed_cache.py itself) each field's .npy must have the header,
 rows, width and dtype meta.json records and its full size; a damaged file is named with the fix (run
@@ -117,13 +118,17 @@ def npy_fault(path, rows, dim):
         return f"{size} bytes, a complete ({rows}, {dim}) float16 file has {want} (truncated?)"
     return None
 
+# what a meta.json (and a stage-2 text.json) written before these keys existed was made with
+OLDER_DEFAULTS = {"template": "", "attention": "bidirectional"}
+
 def read_meta(cache_dir):
+    """meta.json, with OLDER_DEFAULTS for keys an older cache lacks."""
     meta_path = os.path.join(cache_dir, "meta.json")
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{cache_dir}: no meta.json (run embed_cache.py first)")
     try:
         with open(meta_path) as f:
-            return json.load(f)
+            return {**OLDER_DEFAULTS, **json.load(f)}
     except ValueError as e:
         raise ValueError(f"{meta_path}: does not parse ({e}); the cache cannot be trusted: delete {cache_dir} "
                          f"and run embed_cache.py again to rebuild it") from None
@@ -214,7 +219,7 @@ def main():
         os.makedirs(os.path.join(out_dir, "done"), exist_ok=True)
         old = {}
         if os.path.isfile(meta_path):  # resume: only into a cache made with exactly these settings
-            old = {"template": "", "attention": "bidirectional", **read_meta(out_dir)}  # older caches: their defaults
+            old = read_meta(out_dir)
             if any("captions_fingerprint" not in v for v in old.get("fields", {}).values()):
                 raise ValueError(f"{meta_path}: a cache made by an older embed_cache.py (caption fingerprints of "
                                  f"another kind); delete {out_dir} and run again to rebuild it")

@@ -81,7 +81,7 @@ from tqdm import tqdm
 
 import model as M
 from dataset import ImageDataset, caption_rows, check_manifest, collate, read_manifest
-from embed_cache import model_fingerprint, open_cache, read_meta
+from embed_cache import OLDER_DEFAULTS, model_fingerprint, open_cache, read_meta
 
 # -----------------------------------------------------------------------------
 model = ""                       # stage-2 folder, HF CLIP folder, or HF Llama folder (c2c only, the stage-1 check)
@@ -267,7 +267,7 @@ class StageTwoText:
 
     def __init__(self, path, device):
         with open(os.path.join(path, "text.json")) as f:
-            self.info = {"template": "", "attention": "bidirectional", **json.load(f)}  # older text.json: their defaults
+            self.info = {**OLDER_DEFAULTS, **json.load(f)}  # an older text.json lacks template, attention
         self.path, self.template = path, self.info["template"]
         self.llm_path = llm or self.info["llm"]
         if not os.path.isdir(self.llm_path):
@@ -281,8 +281,8 @@ class StageTwoText:
 
     def check_cache(self, cache_dir):
         """The cache's embeddings must be made as the adaptor's training embeddings were: the same
-        instruction, max length and caption template (the LLM and the captions: open_field)."""
-        meta = {"template": "", "attention": "bidirectional", **read_meta(cache_dir)}  # older caches: their defaults
+        instruction, max length, caption template and attention (the LLM and the captions: open_field)."""
+        meta = read_meta(cache_dir)
         for key in ("instruction", "max_length", "template", "attention"):
             if meta.get(key) != self.info[key]:
                 raise ValueError(f"{cache_dir}: embedded with {key} {meta.get(key)!r}, but {self.path} was trained on "
@@ -591,10 +591,13 @@ def main(config):
         results, counts, extra = evaluate_benchmarks(kind, device)
     elif kind == "llama":
         results, counts, extra["template"] = evaluate_llm(device)
+        extra["attention"] = attention
     else:
         results, counts = evaluate_towers(kind, device)
     if kind == "stage2":
-        extra["template"] = json.load(open(os.path.join(model, "text.json"))).get("template", "")
+        with open(os.path.join(model, "text.json")) as f:  # how its text side embeds
+            info = {**OLDER_DEFAULTS, **json.load(f)}
+        extra.update((k, info[k]) for k in OLDER_DEFAULTS)
     if benchmarks:
         print(f"\n{name or model} ({kind})")
         print("\n".join(extra["table"]))

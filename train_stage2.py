@@ -246,12 +246,11 @@ def export(out, net, tok, config):
                 arch = "SiglipVisionModel" if siglip else "CLIPVisionModelWithProjection"
                 json.dump({**vcfg, "architectures": [arch]}, f, indent=2)
             text.save_pretrained(tmp)
-            from embed_cache import model_fingerprint
-            meta = json.load(open(os.path.join(cache, "meta.json")))
+            from embed_cache import model_fingerprint, read_meta
+            meta = read_meta(cache)
             with open(os.path.join(tmp, "text.json"), "w") as f:
                 json.dump(dict(llm=llm, llm_sha256=model_fingerprint(llm), instruction=meta["instruction"],
-                               max_length=meta["max_length"], template=meta.get("template", ""),  # "": an older cache
-                               attention=meta.get("attention", "bidirectional"),
+                               max_length=meta["max_length"], template=meta["template"], attention=meta["attention"],
                                method=method, loss=loss, config=config), f, indent=2)
         else:
             sd.update({k: v.detach().float().contiguous().cpu() for k, v in text.state_dict().items()})

@@ -514,4 +514,4 @@ def test_causal_attention_from_stage1_to_evaluation(tiny, chat, tmp_path):
     r = evaluate(tiny, "x", check=False, model=s2, cache=bi)
     assert r.returncode != 0 and "embedded with attention 'bidirectional', but" in r.stderr, r.stderr[-2000:]
     res, _ = evaluate(tiny, "causal_stage2", model=s2, cache=cache)
-    assert "long_i2t_r1" in res["results"]
+    assert "long_i2t_r1" in res["results"] and res["attention"] == "causal"
