@@ -9,7 +9,7 @@
 # and learns (data/fashion/probe_stage1.py measures both). The paper's recipes keep "bidirectional".
 method = "llm2clip"
 manifest = "data/fashion/out/train.jsonl"
-model = "data/smollm2/hf"
+model = "data/smollm2/hf_8layers"  # SmolLM2's first 8 of 30 layers (demo.sh makes it; README, Numbers: why)
 out_dir = "out/stage1_llm2clip"
 attention = "causal"
 pairs = "short:long,long=de,short=short_de"
@@ -19,6 +19,7 @@ warmup_steps = 5
 lr = 2e-3                         # LoRA on a 135M model at batch 16: a high lr (the paper: 2e-4 at batch 2048)
 min_lr = 2e-4
 simcse_scale = 20.0               # temperature 0.05 (LLM2Vec's); the default 50 is temperature 0.02
-lora_top_layers = 8               # adapters on the last 8 of 30 layers: the backward stops there (2x faster on CPU)
+lora_top_layers = 8               # adapters on the last 8 layers: all of the demo's 8 (of 30 with LLM_LAYERS=30,
+                                  # where the backward then stops there: 2x faster on CPU)
 log_interval = 10
 ckpt_interval = 20

