@@ -4,7 +4,8 @@
 # out/demo_seed<N>, out/demo_<k>layers_seed<N>).
 #   data + SmolLM2 (its first 8 layers) -> base CLIP pretrained from scratch -> LLM2CLIP stage 1 (SmolLM2 ->
 #   caption embedder)
-#   -> embedding caches (raw and stage-1 LLM) -> ProCLIP stage 1 (on the stage-1 LLM, as the paper does)
+#   -> embedding caches (raw and stage-1 LLM) -> ProCLIP stage 1 (on the stage-1 LLM, as the paper does; distilled
+#   on the base CLIP's pretraining captions)
 #   -> stage 2 three ways (LLM2CLIP without stage 1, LLM2CLIP, ProCLIP) -> evaluation
 # Prints one table and writes $out/results.json. Every step skips work already done (checkpoints, complete
 # caches, finished models), so a killed demo resumes where it stopped; delete $out to start over.
@@ -30,7 +31,7 @@ cache() { python embed_cache.py --model="$1" --manifest="$data/$2.jsonl" --field
 
 # 1. the base CLIP ("pretrained CLIP"): a small ViT + a CLIP text tower with a 10-token context, pretrained on
 #    grids whose short captions name one item each and on single items ("its ImageNet")
-train2 config/stage2_clip_demo.py "$out/base_clip"
+train2 config/stage2_clip_demo.py "$out/base_clip" --tokenizer="$llm"
 # 2. LLM2CLIP stage 1: SmolLM2 fine-tuned (LoRA, causal attention) on caption pairs of one image: short-long and
 #    English-German
 [ -d "$s1" ] || python train_stage1.py config/stage1_llm2clip_demo.py --model="$llm" --out_dir="$out/stage1_llm2clip" --seed="$seed" --dtype="$llm_dtype"
@@ -41,8 +42,9 @@ cache "$llm" test short,long "$out/cache/raw_test"
 cache "$s1" train short,long "$out/cache/llm2clip_train"
 cache "$s1" test short,long,de,fr "$out/cache/llm2clip_test"
 # 4. ProCLIP stage 1: an adaptor on the stage-1 LLM's embeddings distilled from the base CLIP's text tower,
-#    on short captions only (the ones its 10-token context reads whole)
-[ -f "$out/stage1_proclip/adaptor.json" ] || python train_stage1.py config/stage1_proclip_demo.py --model="$s1" --clip="$out/base_clip/model" --cache="$out/cache/llm2clip_train" --out_dir="$out/stage1_proclip" --seed="$seed"
+#    on the captions it was pretrained on (short ones: its 10-token context reads them whole)
+cache "$s1" pretrain short "$out/cache/llm2clip_pretrain"
+[ -f "$out/stage1_proclip/adaptor.json" ] || python train_stage1.py config/stage1_proclip_demo.py --model="$s1" --clip="$out/base_clip/model" --cache="$out/cache/llm2clip_pretrain" --out_dir="$out/stage1_proclip" --seed="$seed"
 # 5. stage 2, three ways, from the base CLIP's ViT, on English captions only
 train2 config/stage2_llm2clip_demo.py "$out/llm2clip_no_stage1" --clip="$out/base_clip/model" --llm="$llm" --cache="$out/cache/raw_train"
 train2 config/stage2_llm2clip_demo.py "$out/llm2clip" --clip="$out/base_clip/model" --llm="$s1" --cache="$out/cache/llm2clip_train"

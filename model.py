@@ -152,6 +152,8 @@ def _with_dtype(sd, dtype):
 
 def load_tokenizer(path):
     """The tokenizer stored in the same HF folder as the weights (transformers imported only here)."""
+    if not os.path.isdir(path):  # transformers would take it for a hub name and say so, not what is missing
+        raise FileNotFoundError(f"{path}: no such folder (an HF folder with the tokenizer's files)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(path)

@@ -81,6 +81,8 @@ loss = "softmax"                 # softmax: CLIP's InfoNCE, scale clamped to [0,
 ema_momentum = 0.999             # proclip: teacher <- m teacher + (1 - m) student after every step (half-life ~700 steps)
 distill_lambda = 0.01            # proclip: weight of L_ins + L_struct, for a rank batch of 128 (sums: see README)
 struct_beta = 1.0                # proclip: SmoothL1 beta of L_struct
+adaptor_lr_scale = 1.0           # llm2clip, proclip: the adaptor's lr as a multiple of lr (the papers: 1; below 1
+                                 # keeps more of ProCLIP stage 1's alignment to CLIP's text tower: README, Numbers)
 # clip from scratch (clip=""): sizes of the base CLIP, and the tokenizer (an EOS token is appended to each caption)
 tokenizer = "data/smollm2/hf"
 image_size = 64
@@ -144,9 +146,10 @@ def layer_id(name, n_layers):
     return n_layers + 1
 
 def param_groups(net):
-    """AdamW groups: layer-wise lr decay inside each tower (adaptor, logit scale and bias at the full lr), no
-    weight decay on 1-d tensors (norms, biases, class embedding, logit scale and bias), embeddings and
-    SigLIP's probe (the pooling head's learned query token: the part its class embedding plays in CLIP)."""
+    """AdamW groups: layer-wise lr decay inside each tower (the adaptor at adaptor_lr_scale, logit scale and
+    bias at the full lr), no weight decay on 1-d tensors (norms, biases, class embedding, logit scale and
+    bias), embeddings and SigLIP's probe (the pooling head's learned query token: the part its class
+    embedding plays in CLIP)."""
     groups = {}
     for name, p in net.named_parameters():
         tower = getattr(net, name.split(".")[0])
@@ -154,6 +157,8 @@ def param_groups(net):
         if isinstance(tower, (M.ViT, M.SiglipViT, M.CLIPTextTower)):
             n = tower.config.num_hidden_layers
             scale = layer_decay ** (n + 1 - layer_id(name, n))
+        elif isinstance(tower, M.Adaptor):
+            scale = adaptor_lr_scale
         decay = 0.0 if p.ndim < 2 or ".embeddings." in name or name.endswith(".head.probe") else weight_decay
         groups.setdefault((scale, decay), []).append(p)
     return [{"params": ps, "lr_scale": s, "weight_decay": d} for (s, d), ps in sorted(groups.items())]
@@ -277,6 +282,7 @@ def main(config):
           rules=[(warmup_steps <= max_steps, f"warmup_steps={warmup_steps}: more than max_steps={max_steps}"),
                  (min_lr <= lr, f"min_lr={min_lr}: more than lr={lr}"),
                  (0 < layer_decay <= 1, f"layer_decay={layer_decay}: must be within (0, 1]"),
+                 (adaptor_lr_scale >= 0, f"adaptor_lr_scale={adaptor_lr_scale}: must be >= 0 (0 freezes the adaptor)"),
                  (any(fields.split(",")), f"fields={fields!r}: expected caption fields like 'short,long'")],
           folders=("out_dir",))
     ddp, rank, world, device = setup_distributed()

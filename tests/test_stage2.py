@@ -124,6 +124,13 @@ def test_layer_decay_and_weight_decay_groups():
                  "vit.vision_model.encoder.layers.0.mlp.fc1.bias", "vit.vision_model.post_layernorm.weight", "logit_scale"):
         assert group(name)["weight_decay"] == 0.0, name
     assert sum(len(g["params"]) for g in T.param_groups(net)) == len(named)
+    T.adaptor_lr_scale = 0.1  # the adaptor alone moves to its own scale
+    try:
+        groups = {id(p): g for g in T.param_groups(net) for p in g["params"]}
+        assert group("text.blocks.0.fc1.weight")["lr_scale"] == 0.1 and group("text.blocks.0.fc1.bias")["lr_scale"] == 0.1
+        assert group("logit_scale")["lr_scale"] == 1.0 and group("vit.visual_projection.weight")["lr_scale"] == 1.0
+    finally:
+        T.adaptor_lr_scale = 1.0
 
 def test_corrupt_image(setup, tmp_path):
     """Stop naming the file and its line; with skip_bad=True replace it by the next readable image (line 7),

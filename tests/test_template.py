@@ -154,3 +154,8 @@ def test_real_smollm2_tokenizer():
     for c, x, k in zip(CAPTIONS, ids, n):
         assert x == tok("<|im_start|>user\n" + INSTR + " " + c.strip() + "<|im_end|>")["input_ids"]
         assert tok.decode(x[k:]) == " " + c.strip() + "<|im_end|>"
+
+def test_missing_tokenizer_folder_is_named(tmp_path):
+    """A path that is not a folder is refused naming it (transformers would call it a bad hub repo id)."""
+    with pytest.raises(FileNotFoundError, match="no_such_llm"):
+        M.load_tokenizer(str(tmp_path / "no_such_llm"))
