@@ -4,8 +4,8 @@
 # out/demo_seed<N>, out/demo_<k>layers_seed<N>).
 #   data + SmolLM2 (its first 8 layers) -> base CLIP pretrained from scratch -> LLM2CLIP stage 1 (SmolLM2 ->
 #   caption embedder)
-#   -> embedding caches (raw and stage-1 LLM) -> ProCLIP stage 1 (on the stage-1 LLM, as the paper does; distilled
-#   on the base CLIP's pretraining captions)
+#   -> embedding caches (raw and stage-1 LLM) -> ProCLIP stage 1 (on the stage-1 LLM, as the paper does;
+#   distilled on the base CLIP's pretraining captions)
 #   -> stage 2 three ways (LLM2CLIP without stage 1, LLM2CLIP, ProCLIP) -> evaluation
 # Prints one table and writes $out/results.json. Every step skips work already done (checkpoints, complete
 # caches, finished models), so a killed demo resumes where it stopped; delete $out to start over.

@@ -81,8 +81,8 @@ loss = "softmax"                 # softmax: CLIP's InfoNCE, scale clamped to [0,
 ema_momentum = 0.999             # proclip: teacher <- m teacher + (1 - m) student after every step (half-life ~700 steps)
 distill_lambda = 0.01            # proclip: weight of L_ins + L_struct, for a rank batch of 128 (sums: see README)
 struct_beta = 1.0                # proclip: SmoothL1 beta of L_struct
-adaptor_lr_scale = 1.0           # llm2clip, proclip: the adaptor's lr as a multiple of lr (the papers: 1; below 1
-                                 # keeps more of ProCLIP stage 1's alignment to CLIP's text tower: README, Numbers)
+adaptor_lr_scale = 1.0           # llm2clip, proclip: the adaptor's lr as a multiple of lr (the papers: 1; 0 freezes
+                                 # it; below 1 keeps more of ProCLIP stage 1's alignment to CLIP's text tower: README)
 # clip from scratch (clip=""): sizes of the base CLIP, and the tokenizer (an EOS token is appended to each caption)
 tokenizer = "data/smollm2/hf"
 image_size = 64
@@ -275,14 +275,13 @@ def main(config):
     check(config, positive=("batch_size", "max_steps", "log_interval", "ckpt_interval", "lr", "grad_clip", "image_size",
                             "patch_size", "vision_width", "vision_layers", "text_width", "text_layers", "context_length"),
           nonnegative=("warmup_steps", "min_lr", "weight_decay", "embed_dim", "distill_lambda", "struct_beta",
-                       "logit_scale_init", "num_workers", "halt_at"),
+                       "adaptor_lr_scale", "logit_scale_init", "num_workers", "halt_at"),
           choices={"method": ("llm2clip", "proclip", "clip"), "dtype": ("float32", "bfloat16"),  # (fp16: a grad scaler)
                    "loss": ("softmax", "sigmoid")},
           within={"ema_momentum": (0.0, 1.0)},
           rules=[(warmup_steps <= max_steps, f"warmup_steps={warmup_steps}: more than max_steps={max_steps}"),
                  (min_lr <= lr, f"min_lr={min_lr}: more than lr={lr}"),
                  (0 < layer_decay <= 1, f"layer_decay={layer_decay}: must be within (0, 1]"),
-                 (adaptor_lr_scale >= 0, f"adaptor_lr_scale={adaptor_lr_scale}: must be >= 0 (0 freezes the adaptor)"),
                  (any(fields.split(",")), f"fields={fields!r}: expected caption fields like 'short,long'")],
           folders=("out_dir",))
     ddp, rank, world, device = setup_distributed()

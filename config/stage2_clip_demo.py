@@ -4,6 +4,7 @@
 # item of a grid, while its text tower cannot read a long caption past its opening sentence.
 method = "clip"
 clip = ""
+tokenizer = "data/smollm2/hf_8layers"  # the demo's LLM folder (demo.sh passes its own: LLM_LAYERS)
 manifest = "data/fashion/out/pretrain.jsonl"
 out_dir = "out/base_clip"
 fields = "short"
