@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: the whole pipeline on the embedded default data (DESIGN.md section 9), on whatever device
-# there is (a GPU if torch sees one). Usage: [LLM_LAYERS=k] ./demo.sh [seed] (default 1337 into out/demo;
+# there is (a GPU if torch sees one). Usage: [LLM_LAYERS=k] [FASHION_SRC=dir] ./demo.sh [seed] (default 1337 into out/demo;
 # out/demo_seed<N>, out/demo_<k>layers_seed<N>).
 #   data + SmolLM2 (its first 8 layers) -> base CLIP pretrained from scratch -> LLM2CLIP stage 1 (SmolLM2 ->
 #   caption embedder)
@@ -24,7 +24,7 @@ s1="$out/stage1_llm2clip/merged"
 llm=data/smollm2/hf$([ "$layers" = 30 ] || echo "_${layers}layers")
 
 python data/smollm2/prepare.py --layers="$layers" --out="$llm"  # first: the data build reads its tokenizer
-python data/fashion/prepare.py --tokenizer="$llm"                # (for caption-length statistics)
+python data/fashion/prepare.py --tokenizer="$llm" ${FASHION_SRC:+--src="$FASHION_SRC"}  # (caption-length stats)
 train2() { [ -d "$2/model" ] || python train_stage2.py "$1" --out_dir="$2" --seed="$seed" "${@:3}"; }
 # every LLM embedding with stage 1's attention (causal in the demo: config/stage1_llm2clip_demo.py says why)
 cache() { python embed_cache.py --model="$1" --manifest="$data/$2.jsonl" --fields="$3" --out_dir="$4" --dtype="$llm_dtype" --attention=causal; }

@@ -46,7 +46,7 @@ from safetensors.torch import save_file
 
 import model as M
 from dataset import Manifest
-from kernels import all_gather_with_grad, structure_loss
+from fused_losses import all_gather_with_grad, structure_loss
 from configurator import check
 from train_common import (StepLog, cosine_lr, global_batch, load_checkpoint, run_identity, save_checkpoint,
                           setup_distributed, teardown_distributed)

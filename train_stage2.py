@@ -60,7 +60,7 @@ from tqdm import tqdm
 
 import model as M
 from dataset import ImageDataset, Manifest, collate
-from kernels import contrastive_loss, sigmoid_loss, structure_loss
+from fused_losses import contrastive_loss, sigmoid_loss, structure_loss
 from configurator import check
 from train_common import (StepLog, cosine_lr, global_batch, load_checkpoint, run_identity, save_checkpoint,
                           setup_distributed, teardown_distributed)

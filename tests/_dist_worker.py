@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from kernels.contrastive import contrastive_loss, contrastive_loss_reference
-from kernels.sigmoid import sigmoid_loss, sigmoid_loss_reference
+from fused_losses.contrastive import contrastive_loss, contrastive_loss_reference
+from fused_losses.sigmoid import sigmoid_loss, sigmoid_loss_reference
 
 out_dir = sys.argv[1]
 loss_name = sys.argv[2] if len(sys.argv) > 2 else "contrastive"

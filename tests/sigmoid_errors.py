@@ -8,7 +8,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
 
 import test_sigmoid as T
-from kernels.sigmoid import sigmoid_loss, sigmoid_loss_reference
+from fused_losses.sigmoid import sigmoid_loss, sigmoid_loss_reference
 
 worst = {}  # (dtype, quantity, abs|rel) -> (ours, PyTorch's)
 def keep(key, ours, torch_):

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from tolerance import assert_close_to_fp64
 
-from kernels import contrastive as C
-from kernels.contrastive import contrastive_loss, contrastive_loss_reference
+from fused_losses import contrastive as C
+from fused_losses.contrastive import contrastive_loss, contrastive_loss_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

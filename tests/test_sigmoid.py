@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 from tolerance import assert_close_to_fp64
 
-from kernels import sigmoid as S
-from kernels.sigmoid import sigmoid_loss, sigmoid_loss_reference
+from fused_losses import sigmoid as S
+from fused_losses.sigmoid import sigmoid_loss, sigmoid_loss_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["loss", "d_image", "d_text", "d_scale", "d_bias"]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tolerance import assert_close_to_fp64
 
-from kernels.structure import (gram_structure_loss, gram_structure_loss_reference, structure_loss,
+from fused_losses.structure import (gram_structure_loss, gram_structure_loss_reference, structure_loss,
                                structure_loss_reference)
 
 

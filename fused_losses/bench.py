@@ -1,12 +1,12 @@
 """
 Benchmark the fused losses against their PyTorch references on one GPU.
 
-    python -m kernels.bench                      # full sweep: N 4096..131072, D 512/768/1024, bf16
-    python -m kernels.bench --ns=4096,8192 --ds=512 --ops=contrastive,sigmoid   # a slice of it
+    python -m fused_losses.bench                      # full sweep: N 4096..131072, D 512/768/1024, bf16
+    python -m fused_losses.bench --ns=4096,8192 --ds=512 --ops=contrastive,sigmoid   # a slice of it
 
-Writes kernels/results.csv (op,provider,N,D,dtype,fwd_ms,bwd_ms,total_ms,peak_mem_mb,tflops,gpu; a case
-that ran out of memory or failed is a row saying so in fwd_ms), kernels/results.md (the table with the
-GPU, library versions and commit) and kernels/results.png (needs matplotlib; skipped with a message
+Writes fused_losses/results.csv (op,provider,N,D,dtype,fwd_ms,bwd_ms,total_ms,peak_mem_mb,tflops,gpu; a case
+that ran out of memory or failed is a row saying so in fwd_ms), fused_losses/results.md (the table with the
+GPU, library versions and commit) and fused_losses/results.png (needs matplotlib; skipped with a message
 if it is missing). Without a GPU it says so and exits cleanly.
 
 Providers. contrastive: ours, torch (the reference in bf16, eager), torch-compile (the same under
@@ -59,9 +59,9 @@ def _override(argv):
 
 def _loss_fn(op, provider):
     """fn(a, b, s) -> loss for one provider, or None when it is not available."""
-    from kernels.contrastive import contrastive_loss, contrastive_loss_reference
-    from kernels.sigmoid import sigmoid_loss, sigmoid_loss_reference
-    from kernels.structure import structure_loss, structure_loss_reference
+    from fused_losses.contrastive import contrastive_loss, contrastive_loss_reference
+    from fused_losses.sigmoid import sigmoid_loss, sigmoid_loss_reference
+    from fused_losses.structure import structure_loss, structure_loss_reference
     if op == "contrastive":
         if provider == "ours":
             return contrastive_loss
@@ -194,7 +194,7 @@ def _plot(rows, gpu, path):
 def main(argv):
     _override(argv)
     if not torch.cuda.is_available():
-        print("kernels/bench.py: no CUDA GPU on this machine, nothing to benchmark.")
+        print("fused_losses/bench.py: no CUDA GPU on this machine, nothing to benchmark.")
         return
     gpu = torch.cuda.get_device_name()
     dt = getattr(torch, dtype)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.contrastive import D_MAX, _interpreting, _mm, _work_dtype, use_triton
+from fused_losses.contrastive import D_MAX, _interpreting, _mm, _work_dtype, use_triton
 
 
 # -----------------------------------------------------------------------------

@@ -76,7 +76,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels.contrastive import (_AllGather, _all_gather, _check, _chunk_rows, _default_group, _dot_tile, _flags,
+from fused_losses.contrastive import (_AllGather, _all_gather, _check, _chunk_rows, _default_group, _dot_tile, _flags,
                                  _interpreting, _mm, _reduce_scatter, _tile_config, _work_dtype, _world, use_triton)
 
 # -----------------------------------------------------------------------------
