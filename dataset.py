@@ -1034,7 +1034,7 @@ def _draft(img, box, size):
     when the crop `box` (in full-size pixels) still has >= DRAFT_MARGIN source pixels per output pixel;
     returns the box in the decoded image's pixels (the same region). Other images: unchanged.
     Why a margin of 2: it is the rule of Pillow's own `reducing_gap=2` shortcut (reduce by an integer
-    factor, then resample from >= 2x the target), and it changes the output about as little (bench_data.py:
+    factor, then resample from >= 2x the target), and it changes the output about as little (bench/data.py:
     mean 0.3-0.4 levels of 255 at 224/336; a margin of 1 doubles that, with edges off by up to 46 levels).
     So it only acts on images >= 4x the target's side: 2000x1500 photos decode 1.4-1.6x faster, 500x375
     ones not at all."""

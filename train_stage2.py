@@ -110,7 +110,7 @@ ckpt_interval = 200
 halt_at = 0                      # stop after checkpointing at this step (tests resume with it); 0 = off
 fixed_batch = False              # train on step 0's batch forever (an overfitting check)
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype of the towers on a GPU
-grad_checkpointing = False       # recompute each tower layer in the backward (real-size batches need it: estimate_memory.py)
+grad_checkpointing = False       # recompute each tower layer in the backward (real-size batches need it: bench/memory.py)
 # -----------------------------------------------------------------------------
 # a checkpoint resumes only with these settings unchanged (the data, its order, the run length, the sizes) and
 # with the same content in these inputs (compared by fingerprint: train_common.run_identity)

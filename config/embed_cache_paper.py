@@ -12,6 +12,6 @@ fields = ""                  # [ours] "" = every caption field of the manifest (
 instruction = ""             # [code] captions are embedded without an instruction
 max_length = 512             # [code] LLM2Vec(max_length=512)
 dtype = "bfloat16"           # [code] torch_dtype bfloat16
-batch_size = 256             # [ours] (the official encode() batch is 32); memory: `python estimate_memory.py`.
+batch_size = 256             # [ours] (the official encode() batch is 32); memory: `python -m bench.memory`.
                              # Part of the cache's identity: a cache resumes only with the same batch size
 chunk_size = 8192            # [ours] captions per resumable unit: ~3,100 chunks over 25.7M captions

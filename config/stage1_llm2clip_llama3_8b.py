@@ -1,5 +1,5 @@
 # LLM2CLIP stage 1 at the paper's settings for Llama-3-8B-Instruct, the model the official run config was
-# written for, on one 8-GPU node (80 GB each: see `python estimate_memory.py`):
+# written for, on one 8-GPU node (80 GB each: see `python -m bench.memory`):
 #   torchrun --standalone --nproc_per_node=8 train_stage1.py config/stage1_llm2clip_llama3_8b.py --manifest=<CC3M train.jsonl>
 # Provenance as in config/stage1_llm2clip.py: [cfg] microsoft/LLM2CLIP
 # llm_caption_contrastive/train_configs/supervised/MetaLlama3_cc3m.json, [code] its run_supervised.py,

@@ -6,7 +6,7 @@
 # official model config OpenaiCLIP-L-14.json, [paper] the LLM2CLIP paper, [ours] our choice.
 # Not the same as the official run: bf16 autocast (the official: fp16 with a loss scaler), our AdamW
 # (the official: apex's, betas and eps as EVA-CLIP's, which train_stage2.py uses too).
-# Memory (`python estimate_memory.py`): at 512 images per GPU a ViT-L/14 needs activation checkpointing
+# Memory (`python -m bench.memory`): at 512 images per GPU a ViT-L/14 needs activation checkpointing
 # (the official run passes --grad-checkpointing): about 31 GiB per GPU with it at 224 px, 165 GiB without.
 method = "llm2clip"
 clip = "models/clip-vit-large-patch14"    # [ours] an HF folder of openai/clip-vit-large-patch14

@@ -3,7 +3,7 @@
 # Provenance as in config/stage2_llm2clip_vitl14_224.py ([run.sh] microsoft/LLM2CLIP llm2clip/run.sh,
 # [json] OpenaiCLIP-L-14-336.json, [paper], [ours]); only the CLIP and the output folder differ. At 336 px
 # a ViT-L/14 sees 577 tokens per image instead of 257: about 2.3x the activations of the 224 run
-# (`python estimate_memory.py`: about 58 GiB per GPU with activation checkpointing, 357 GiB without).
+# (`python -m bench.memory`: about 58 GiB per GPU with activation checkpointing, 357 GiB without).
 method = "llm2clip"
 clip = "models/clip-vit-large-patch14-336"  # [ours] an HF folder of openai/clip-vit-large-patch14-336
 llm = "out/stage1_llm2clip_llama3_8b/merged"

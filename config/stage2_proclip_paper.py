@@ -7,7 +7,7 @@
 # config/stage2_llm2clip_vitl14_224.py (ProCLIP's own recipe is not released: we compare the two methods
 # at the same settings, as DESIGN.md asks), [ours] our choice where the paper gives no value.
 # Memory: as LLM2CLIP's 224 run plus the EMA teacher (about 32 GiB per GPU with activation checkpointing,
-# 168 GiB without; `python estimate_memory.py`).
+# 168 GiB without; `python -m bench.memory`).
 method = "proclip"
 clip = "models/clip-vit-large-patch14"
 llm = "models/LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned"  # [paper] Llama3-CC, as in stage 1

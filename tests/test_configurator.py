@@ -43,7 +43,7 @@ def test_no_script_has_an_upper_case_setting():
     """A script's settings are exactly the names assigned in its settings block (between the first two
     dashed lines): the lower-case rule drops no real setting and adds no stray global."""
     import importlib
-    for script in ("train_stage1", "train_stage2", "embed_cache", "evaluate", "bench_llama", "bench_data"):
+    for script in ("train_stage1", "train_stage2", "embed_cache", "evaluate", "bench.llama", "bench.data"):
         g = vars(importlib.import_module(script))
         block = open(g["__file__"]).read().split("# " + "-" * 77 + "\n")[1]  # the first settings block
         names = [line.split("=")[0].strip() for line in block.splitlines() if " = " in line and not line[0].isspace()]

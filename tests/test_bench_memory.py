@@ -1,10 +1,10 @@
-"""estimate_memory.py's measuring: the live-bytes counter on the meta device against hand counts of what
+"""bench/memory.py's measuring: the live-bytes counter on the meta device against hand counts of what
 autograd keeps, its autocast and attention emulation, and one recipe row end to end."""
 
 import torch
 import torch.nn as nn
 
-import estimate_memory as E
+from bench import memory as E
 import model as M
 
 def test_counts_what_autograd_keeps_fp32():

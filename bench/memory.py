@@ -2,8 +2,8 @@
 Memory per GPU of the paper-scale recipes (config/*_paper.py, stage1_llm2clip*.py, stage2_*_vitl14_*.py)
 at their configured batch per GPU, without a GPU:
 
-    python estimate_memory.py                  # the table (about a minute on a CPU)
-    python estimate_memory.py --markdown       # the same as a Markdown table
+    python -m bench.memory                  # the table (about a minute on a CPU)
+    python -m bench.memory --markdown       # the same as a Markdown table
 
 How: this project's own models (model.py's ViT, Llama with LoRA, Adaptor, CLIP text tower) are built at
 real size on the meta device (shapes and dtypes, no memory, no arithmetic) and one training step runs
@@ -179,7 +179,7 @@ def nbytes(tensors):
 
 def recipe(name):
     """A config file's settings, as its script sees them (the script's defaults, then the file)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", name)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config", name)
     script = {"stage1": "train_stage1", "stage2": "train_stage2", "embed_": "embed_cache"}[name[:6]]
     return configure(dict(vars(importlib.import_module(script))), [path])
 

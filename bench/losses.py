@@ -1,12 +1,12 @@
 """
 Benchmark the fused losses against their PyTorch references on one GPU.
 
-    python -m fused_losses.bench                      # full sweep: N 4096..131072, D 512/768/1024, bf16
-    python -m fused_losses.bench --ns=4096,8192 --ds=512 --ops=contrastive,sigmoid   # a slice of it
+    python -m bench.losses                     # full sweep: N 4096..131072, D 512/768/1024, bf16
+    python -m bench.losses--ns=4096,8192 --ds=512 --ops=contrastive,sigmoid   # a slice of it
 
-Writes fused_losses/results.csv (op,provider,N,D,dtype,fwd_ms,bwd_ms,total_ms,peak_mem_mb,tflops,gpu; a case
-that ran out of memory or failed is a row saying so in fwd_ms), fused_losses/results.md (the table with the
-GPU, library versions and commit) and fused_losses/results.png (needs matplotlib; skipped with a message
+Writes bench/results/losses.csv (op,provider,N,D,dtype,fwd_ms,bwd_ms,total_ms,peak_mem_mb,tflops,gpu; a case
+that ran out of memory or failed is a row saying so in fwd_ms), bench/results/losses.md (the table with the
+GPU, library versions and commit) and bench/results/losses.png (needs matplotlib; skipped with a message
 if it is missing). Without a GPU it says so and exits cleanly.
 
 Providers. contrastive: ours, torch (the reference in bf16, eager), torch-compile (the same under
@@ -40,7 +40,7 @@ providers = "ours,torch,torch-compile,inf-cl"
 dtype = "bfloat16"
 scale = 100.0  # logit multiplier s for the contrastive and sigmoid losses
 bias = -10.0  # logit bias t for the sigmoid loss (SigLIP's initial value)
-out_dir = os.path.dirname(os.path.abspath(__file__))  # where results.{csv,md,png} go
+out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # losses.{csv,md,png}
 PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}  # dense bf16, about (DESIGN.md section 8)
 # -----------------------------------------------------------------------------
 
@@ -194,7 +194,7 @@ def _plot(rows, gpu, path):
 def main(argv):
     _override(argv)
     if not torch.cuda.is_available():
-        print("fused_losses/bench.py: no CUDA GPU on this machine, nothing to benchmark.")
+        print("bench/losses.py: no CUDA GPU on this machine, nothing to benchmark.")
         return
     gpu = torch.cuda.get_device_name()
     dt = getattr(torch, dtype)
@@ -221,14 +221,15 @@ def main(argv):
                     rows.append(row)
                     print(", ".join(f"{k}={row[k]:.3f}" if isinstance(row[k], float) else f"{k}={row[k]}"
                                     for k in COLUMNS[:-1]), flush=True)
-    csv_path = os.path.join(out_dir, "results.csv")
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, "losses.csv")
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    _write_markdown(rows, gpu, versions, os.path.join(out_dir, "results.md"))
-    _plot(rows, gpu, os.path.join(out_dir, "results.png"))
-    print(f"wrote {csv_path} and results.md ({gpu}; " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ")")
+    _write_markdown(rows, gpu, versions, os.path.join(out_dir, "losses.md"))
+    _plot(rows, gpu, os.path.join(out_dir, "losses.png"))
+    print(f"wrote {csv_path} and losses.md ({gpu}; " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ")")
 
 
 if __name__ == "__main__":
