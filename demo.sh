@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: the whole pipeline on the embedded default data (DESIGN.md section 9), on whatever device
+# The main job: the whole pipeline on the embedded default data (docs/design.md, The demo data), on whatever device
 # there is (a GPU if torch sees one). Usage: [LLM_LAYERS=k] [FASHION_SRC=dir] ./demo.sh [seed] (default 1337 into out/demo;
 # out/demo_seed<N>, out/demo_<k>layers_seed<N>).
 #   data + SmolLM2 (its first 8 layers) -> base CLIP pretrained from scratch -> LLM2CLIP stage 1 (SmolLM2 ->
@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 seed=${1:-1337}
-# the LLM: SmolLM2's first 8 of its 30 layers (README, Numbers: why); LLM_LAYERS=30 for the whole model
+# the LLM: SmolLM2's first 8 of its 30 layers (docs/experiments.md: why); LLM_LAYERS=30 for the whole model
 layers=${LLM_LAYERS:-8}
 out=${OUT:-out/demo$([ "$layers" = 8 ] || echo "_${layers}layers")$([ "$seed" = 1337 ] || echo "_seed$seed")}
 mkdir -p "$out/eval"

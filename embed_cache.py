@@ -6,8 +6,8 @@ LLM and cached embeddings, same or better accuracy).
     python embed_cache.py --manifest=data/fashion/out/train.jsonl --model=data/smollm2/hf --out_dir=out/cache/train
     torchrun --standalone --nproc_per_node=8 embed_cache.py --manifest=... --model=... --out_dir=...
 
-In:  a JSONL manifest (dataset.py; indexed on first use) and an HF Llama folder (raw, or merged after stage 1).
-Out: out_dir/<field>.npy  (rows = that field's captions in manifest order, see dataset.Manifest.rows;
+In:  a JSONL manifest (manifest.py; indexed on first use) and an HF Llama folder (raw, or merged after stage 1).
+Out: out_dir/<field>.npy  (rows = that field's captions in manifest order, see manifest.Manifest.rows;
                            L2-normalised mean-pooled embeddings, float16; read with np.load(mmap_mode="r"))
      out_dir/meta.json    (count and caption fingerprint per field, dim, dtype, pooling, instruction, max
                            length, caption template, model fingerprint, "complete", and the over-length report)
@@ -29,26 +29,27 @@ the same device and the same number of CPU threads (torchrun sets OMP_NUM_THREAD
 `python` uses every core). fp32 reductions may round differently with another thread count on some
 CPUs (AMD EPYC here): then rows differ in the last fp16 bit, not more.
 
-Captions longer than max_length tokens (instruction and BOS included) keep their first tokens and lose the
-rest (tokenize_for_embedding); the cache counts them per field and reports, once, when it completes:
-how many, the longest (tokens) and its manifest line (also in meta.json, "over_length").
+Captions longer than max_length tokens (instruction and BOS included) keep their first tokens and
+lose the rest (embedder.tokenize_for_embedding); the cache counts them per field and reports, once,
+when it completes: how many, the longest (tokens) and its manifest line (also in meta.json,
+"over_length").
 
-Caption template: each caption is wrapped as stage 1 and evaluation wrap it (model.caption_template; the
-official LLM2CLIP code wraps every caption of a Llama-3-Instruct model in its user turn). "auto" is
-resolved once the tokenizer is loaded, and meta.json records the resolved string ("" = no wrap), so the
-cache's identity does not depend on how the setting was spelled: a resume with another template is
-refused, and a stage-2 model trained on this cache carries the string into its text.json, which
-evaluate.py checks against any cache it reads. The same holds for `attention`. An older meta.json
-without these keys reads as made with no wrap and bidirectional attention (read_meta, OLDER_DEFAULTS).
-A stage-1 folder's embedder.json says how stage 1 embedded captions; another attention or template here
-is refused (model.check_embedder).
+meta.json records how captions were embedded (an embedder.EmbedSpec: instruction, max length,
+caption template, attention, pooling). Each caption is wrapped as stage 1 and evaluation wrap it
+(embedder.caption_template; the official LLM2CLIP code wraps every caption of a Llama-3-Instruct
+model in its user turn). "auto" is resolved once the tokenizer is loaded and meta.json records the
+resolved string ("" = no wrap), so the cache's identity does not depend on how the setting was
+spelled: a resume with other settings is refused, and a stage-2 model trained on this cache carries
+the spec into its text.json, which evaluate.py checks against any cache it reads. An older meta.json
+without template or attention reads as made with no wrap and bidirectional attention
+(embedder.read_spec). A stage-1 folder's embedder.json says how stage 1 embedded captions; another
+attention or template here is refused (embedder.check_embedder).
 
 Integrity: on every open (open_cache, and embed_cache.py itself) each field's .npy must have the header,
 rows, width and dtype meta.json records and its full size; a damaged file is named with the fix (run
 embed_cache.py again: it redoes a damaged field; a meta.json that does not parse means deleting the folder).
 """
 
-import functools
 import json
 import os
 import time
@@ -59,9 +60,10 @@ import torch.distributed as dist
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
+import embedder as EM
 import model as M
-from dataset import Manifest, read_manifest
-from train_common import files_fingerprint, setup_distributed, teardown_distributed
+from manifest import Manifest
+from train_common import model_fingerprint, setup_distributed, teardown_distributed, write_json
 
 # -----------------------------------------------------------------------------
 manifest = "data/fashion/out/train.jsonl"
@@ -70,7 +72,7 @@ model = "data/smollm2/hf"        # HF Llama folder
 out_dir = "out/cache/train"
 fields = ""                      # comma-separated caption fields; "" = every field of the manifest
 instruction = ""                 # prepended and attended to, not pooled; "" = none
-template = "auto"                # caption template (model.caption_template): "auto" = the chat wrap the tokenizer's
+template = "auto"                # caption template (embedder.caption_template): "auto" = the chat wrap the tokenizer's
                                  # vocabulary implies (Llama 3's user turn, ChatML, or none); "none"; or "...{}..."
 attention = "bidirectional"      # the LLM's attention: "bidirectional" (LLM2Vec / LLM2CLIP) or "causal" (the
                                  # plain decoder); as stage 1 trained the model (its embedder.json says which)
@@ -80,14 +82,6 @@ chunk_size = 2048                # captions per resumable unit of work
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 # -----------------------------------------------------------------------------
 DTYPES = ("float32", "bfloat16", "float16")
-
-@functools.lru_cache(maxsize=None)
-def model_fingerprint(path):
-    """sha256 of config.json and every safetensors file: any change of weights gives another cache.
-    Remembered per (real path, size, mtime, inode) of those files (train_common.files_fingerprint), so an
-    unchanged 8B model (16 GB) is not rehashed at every start."""
-    names = ["config.json"] + sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
-    return files_fingerprint([os.path.join(path, n) for n in names])
 
 # -----------------------------------------------------------------------------
 # integrity
@@ -118,27 +112,21 @@ def npy_fault(path, rows, dim):
         return f"{size} bytes, a complete ({rows}, {dim}) float16 file has {want} (truncated?)"
     return None
 
-# what a meta.json (and a stage-2 text.json) written before these keys existed was made with
-OLDER_DEFAULTS = {"template": "", "attention": "bidirectional"}
-
 def read_meta(cache_dir):
-    """meta.json, with OLDER_DEFAULTS for keys an older cache lacks."""
+    """(EmbedSpec, meta.json as a dict) of a cache, through embedder.read_spec (which fills in the
+    spec fields an older cache lacks)."""
     meta_path = os.path.join(cache_dir, "meta.json")
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{cache_dir}: no meta.json (run embed_cache.py first)")
-    try:
-        with open(meta_path) as f:
-            return {**OLDER_DEFAULTS, **json.load(f)}
-    except ValueError as e:
-        raise ValueError(f"{meta_path}: does not parse ({e}); the cache cannot be trusted: delete {cache_dir} "
-                         f"and run embed_cache.py again to rebuild it") from None
+    return EM.read_spec(meta_path, fix=f"the cache cannot be trusted: delete {cache_dir} and run "
+                                       f"embed_cache.py again to rebuild it")
 
 def open_cache(cache_dir, field, model_path=None, manifest=None):
     """The (N, D) float16 memmap of one field, after checking the cache is complete and intact, was made
-    by this model (fingerprint of `model_path`) and from these captions (`manifest`: a dataset.Manifest,
+    by this model (fingerprint of `model_path`) and from these captions (`manifest`: a manifest.Manifest,
     or a manifest path, whose index holds the captions' fingerprint)."""
     meta_path = os.path.join(cache_dir, "meta.json")
-    meta = read_meta(cache_dir)
+    _, meta = read_meta(cache_dir)
     if not meta.get("complete"):
         raise ValueError(f"{meta_path}: the cache is incomplete; run embed_cache.py again to finish it")
     if field not in meta["fields"]:
@@ -171,11 +159,11 @@ def over_length(tok, texts, max_length, template=""):
     instruction and the (resolved) caption template. Each token covers at least one byte, plus at most 2
     tokens of prefix space and BOS, so only texts longer than that many bytes beyond an empty caption's
     tokens (instruction, template head and tail) are tokenized (captions that surely fit cost nothing)."""
-    prefix = len(M.tokenize_for_embedding(tok, [""], instruction, 10 ** 9, template)[0][0])
+    prefix = len(EM.tokenize_for_embedding(tok, [""], instruction, 10 ** 9, template)[0][0])
     maybe = [i for i, t in enumerate(texts) if len(t.encode("utf-8")) + prefix + 2 > max_length]
     if not maybe:
         return 0, 0, -1
-    ids, _ = M.tokenize_for_embedding(tok, [texts[i] for i in maybe], instruction, 10 ** 9, template)
+    ids, _ = EM.tokenize_for_embedding(tok, [texts[i] for i in maybe], instruction, 10 ** 9, template)
     lens = [len(x) for x in ids]
     k = int(np.argmax(lens))
     return sum(n > max_length for n in lens), lens[k], maybe[k]
@@ -192,34 +180,36 @@ def write_rows(path, start, emb):
 def main():
     from configurator import check  # one line per bad setting; out_dir must be writable before any work
     check(globals(), positive=("batch_size", "chunk_size", "max_length"), folders=("out_dir",),
-          choices={"dtype": DTYPES, "attention": M.ATTENTION})
+          choices={"dtype": DTYPES, "attention": EM.ATTENTION})
     # gloo even on GPUs: the ranks only meet at barriers, and uneven work must not trip NCCL's watchdog
     ddp, rank, world, device = setup_distributed("gloo")
     barrier = dist.barrier if ddp else (lambda: None)
 
-    man = read_manifest(manifest, index_dir or None)  # indexed (and checked) once, on first use
+    man = Manifest(manifest, index_dir or None).check(images="ignore")  # indexed once, on first use
     names = [f for f in fields.split(",") if f] or man.fields
     for f in names:
         man.ptr(f)  # a field no record has: KeyError naming the manifest and its fields
     counts = {f: man.n_rows(f) for f in names}
     llm = M.Llama.from_pretrained(model, dtype=getattr(torch, dtype), causal=attention == "causal").to(device).eval()
     tok = M.load_tokenizer(model)
-    tmpl = M.caption_template(tok, template)  # the resolved string ("" = no wrap): what meta.json records
-    M.check_embedder(model, attention, tmpl)
+    tmpl = EM.caption_template(tok, template)  # the resolved string ("" = no wrap): what meta.json records
+    spec = EM.EmbedSpec(instruction, max_length, tmpl, attention)
+    EM.check_embedder(model, spec)
     meta_path = os.path.join(out_dir, "meta.json")
     # rank 0 checks an existing cache and (re)writes meta.json; the others read its verdict after the barrier
     if rank == 0:
         # compute dtype and batch size are part of the identity: batches of another size or precision
         # would give other bytes, and a resumed cache must be byte-identical to an uninterrupted one
-        meta = dict(model=model, model_sha256=model_fingerprint(model), manifest=manifest,
-                    dim=llm.config.hidden_size, dtype="float16", compute_dtype=dtype, batch_size=batch_size,
-                    pooling="mean", instruction=instruction, max_length=max_length, template=tmpl,
-                    attention=attention, chunk_size=chunk_size,
-                    fields={f: dict(count=counts[f], captions_fingerprint=man.fingerprint(f)) for f in names})
+        per_field = {f: dict(count=counts[f], captions_fingerprint=man.fingerprint(f))
+                     for f in names}
+        meta = EM.put_spec(dict(model=model, model_sha256=model_fingerprint(model),
+                                manifest=manifest, dim=llm.config.hidden_size, dtype="float16",
+                                compute_dtype=dtype, batch_size=batch_size, chunk_size=chunk_size,
+                                fields=per_field), spec)
         os.makedirs(os.path.join(out_dir, "done"), exist_ok=True)
         old = {}
         if os.path.isfile(meta_path):  # resume: only into a cache made with exactly these settings
-            old = read_meta(out_dir)
+            _, old = read_meta(out_dir)
             if any("captions_fingerprint" not in v for v in old.get("fields", {}).values()):
                 raise ValueError(f"{meta_path}: a cache made by an older embed_cache.py (caption fingerprints of "
                                  f"another kind); delete {out_dir} and run again to rebuild it")
@@ -239,7 +229,7 @@ def main():
                             os.remove(os.path.join(out_dir, "done", d))
                     old["complete"] = False
         if not old.get("complete"):
-            M.write_json(meta_path, {**meta, "complete": False})
+            write_json(meta_path, {**meta, "complete": False})
             for f in names:
                 path = os.path.join(out_dir, f"{f}.npy")
                 if not os.path.isfile(path):  # create under a temporary name: a kill leaves no half header
@@ -247,7 +237,7 @@ def main():
                     del arr
                     os.replace(path + ".tmp.npy", path)
     barrier()  # (a rank 0 that raised above takes the others down with it: torchrun ends the job)
-    meta = read_meta(out_dir)
+    _, meta = read_meta(out_dir)
     if meta["complete"]:
         print(f"{out_dir}: complete already (every field intact), nothing to do") if rank == 0 else None
         return
@@ -262,7 +252,7 @@ def main():
         start = c * chunk_size
         texts = man.texts(f, start, start + chunk_size)  # this chunk's captions only, read from the manifest
         n_over, longest, at = over_length(tok, texts, max_length, tmpl)
-        emb = M.embed_texts(llm, tok, texts, instruction, max_length, batch_size, tmpl)
+        emb = EM.embed_texts(llm, tok, texts, instruction, max_length, batch_size, tmpl)
         write_rows(os.path.join(out_dir, f"{f}.npy"), start, emb.to(torch.float16).cpu().numpy())
         # only after the rows are on disk
         _touch(os.path.join(out_dir, "done", f"{f}.{c:06d}"),
@@ -278,7 +268,7 @@ def main():
         if missing:
             raise RuntimeError(f"{out_dir}: chunks {missing[:5]} were not finished; run again to complete")
         meta["over_length"] = report_over_length(man, names, counts)
-        M.write_json(meta_path, {**meta, "complete": True})
+        write_json(meta_path, {**meta, "complete": True})
         print(f"wrote {out_dir}: " + ", ".join(f"{f} {counts[f]}x{meta['dim']}" for f in names))
     teardown_distributed()
 

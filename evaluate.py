@@ -1,5 +1,5 @@
 """
-Evaluation (DESIGN.md section 7): image-text retrieval R@1/5/10 both ways, zero-shot classification with
+Evaluation (docs/design.md, Evaluation): image-text retrieval R@1/5/10 both ways, zero-shot classification with
 templates, caption-to-caption retrieval. One model per run; the baseline (a CLIP with its own text tower)
 goes through the same code as the LLM models. Two ways to call it:
 
@@ -79,9 +79,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import embedder as EM
 import model as M
-from dataset import ImageDataset, caption_rows, check_manifest, collate, read_manifest
-from embed_cache import OLDER_DEFAULTS, model_fingerprint, open_cache, read_meta
+from images import ImageDataset, collate
+from manifest import Manifest, caption_rows
+from embed_cache import open_cache, read_meta
+from train_common import model_fingerprint, write_json
 
 # -----------------------------------------------------------------------------
 model = ""                       # stage-2 folder, HF CLIP folder, or HF Llama folder (c2c only, the stage-1 check)
@@ -101,7 +104,7 @@ cache = ""                       # stage 2: embed_cache.py output over `manifest
 llm = ""                         # stage 2: the LLM folder, if not where text.json says (fingerprint checked)
 cupl = "data/fashion/out/cupl.json"  # Llama mode: {"texts": [...], "group": [...]}; "" to skip
 instruction = "Given a caption, retrieve a similar relevant caption."  # Llama mode: on c2c queries; "" for none
-template = "auto"                # Llama mode: caption template (model.caption_template); stage 2 uses text.json's
+template = "auto"                # Llama mode: caption template (embedder.caption_template); stage 2 uses text.json's
 attention = "bidirectional"      # Llama mode: "bidirectional" or "causal" (as stage 1 trained it); stage 2 uses text.json's
 name = ""                        # the row's name in the JSON ("" = the model path)
 max_length = 512                 # Llama mode: tokens per caption (stage 2 uses text.json's)
@@ -245,7 +248,7 @@ class CLIPText:
 
     def __init__(self, path, device):
         self.tower = M.CLIPTextTower.from_pretrained(path).to(device).eval()
-        self.tok, self.device, self.template = M.load_tokenizer(path), device, None
+        self.tok, self.device = M.load_tokenizer(path), device
 
     @torch.no_grad()
     def __call__(self, texts):
@@ -266,10 +269,9 @@ class StageTwoText:
     manifest's captions when there is one, else computed by the LLM (loaded on first use)."""
 
     def __init__(self, path, device):
-        with open(os.path.join(path, "text.json")) as f:
-            self.info = {**OLDER_DEFAULTS, **json.load(f)}  # an older text.json lacks template, attention
-        self.path, self.template = path, self.info["template"]
-        self.llm_path = llm or self.info["llm"]
+        # how the adaptor's training embeddings were made (an older text.json: read_spec's defaults)
+        self.spec, self.info = EM.read_spec(os.path.join(path, "text.json"))
+        self.path, self.llm_path = path, llm or self.info["llm"]
         if not os.path.isdir(self.llm_path):
             raise FileNotFoundError(f"{self.llm_path}: the LLM of {path}/text.json is not there; pass --llm=<its folder>")
         # the adaptor was trained on this LLM's embeddings: another one (e.g. via --llm) means garbage
@@ -281,12 +283,11 @@ class StageTwoText:
 
     def check_cache(self, cache_dir):
         """The cache's embeddings must be made as the adaptor's training embeddings were: the same
-        instruction, max length, caption template and attention (the LLM and the captions: open_field)."""
-        meta = read_meta(cache_dir)
-        for key in ("instruction", "max_length", "template", "attention"):
-            if meta.get(key) != self.info[key]:
-                raise ValueError(f"{cache_dir}: embedded with {key} {meta.get(key)!r}, but {self.path} was trained on "
-                                 f"embeddings with {key} {self.info[key]!r} ({self.path}/text.json)")
+        EmbedSpec (the LLM and the captions: open_field)."""
+        spec, _ = read_meta(cache_dir)
+        EM.check_spec(self.spec, f"{self.path}/text.json (how the adaptor's training embeddings "
+                      f"were made)", spec, f"{cache_dir}/meta.json (how the cache was embedded)",
+                      fix="use a cache embedded with {key}={want!r}, or none (the LLM then runs)")
 
     def open_field(self, cache_dir, man, f):
         """The cache's (N, D) float16 rows of field f, checked against this LLM and the manifest's captions."""
@@ -295,11 +296,11 @@ class StageTwoText:
     def llm_embed(self, texts):
         if self.llm is None:
             self.llm = M.Llama.from_pretrained(self.llm_path, dtype=getattr(torch, dtype),
-                                               causal=self.info["attention"] == "causal").to(self.device).eval()
+                                               causal=self.spec.attention == "causal").to(self.device).eval()
             self.tok = M.load_tokenizer(self.llm_path)
-        chunk = 16 * batch_size
-        return torch.cat([M.embed_texts(self.llm, self.tok, texts[s:s + chunk], self.info["instruction"],
-                                        self.info["max_length"], batch_size, self.template)
+        chunk, sp = 16 * batch_size, self.spec
+        return torch.cat([EM.embed_texts(self.llm, self.tok, texts[s:s + chunk], sp.instruction,
+                                         sp.max_length, batch_size, sp.template)
                           for s in _chunks(texts, chunk, "LLM")])
 
     @torch.no_grad()
@@ -337,18 +338,25 @@ def image_embeddings(tower, man, device, rows=None):
 def text_side(kind, device):
     return (StageTwoText if kind == "stage2" else CLIPText)(model, device)
 
+def how_text_embeds(text):
+    """What the output JSON records of how a stage-2 text side embeds: template and attention."""
+    if not isinstance(text, StageTwoText):
+        return {}
+    return dict(template=text.spec.template, attention=text.spec.attention)
+
 # -----------------------------------------------------------------------------
 # one manifest (the demo's fields)
 
 def evaluate_towers(kind, device):
-    """Retrieval, zero-shot and c2c of a stage-2 model or a CLIP over `manifest`: (results, counts)."""
+    """Retrieval, zero-shot and c2c of a stage-2 model or a CLIP over `manifest`: (results, counts,
+    extra JSON)."""
     fields, langs, unseen = split(retrieval), split(multilingual), split(multilingual_unseen)
     zs = read_classes(classes) if classes else None  # bad input fails before any model is loaded
     need = list(dict.fromkeys(fields + langs + unseen + split(c2c_field)))
     zs_manifest = zeroshot_manifest or manifest
-    records = check_manifest(manifest, fields=need, decode=False, label=zs is not None and zs_manifest == manifest)
+    records = Manifest(manifest).check(fields=need, label=zs is not None and zs_manifest == manifest)
     if zs:
-        zs_records = records if zs_manifest == manifest else check_manifest(zs_manifest, decode=False, label=True)
+        zs_records = records if zs_manifest == manifest else Manifest(zs_manifest).check(label=True)
         bad = [n for n, r in enumerate(zs_records, 1) if not 0 <= r["label"] < len(zs[0])]
         if bad:
             raise ValueError(f"{zs_manifest}:{bad[0]}: label {zs_records[bad[0] - 1]['label']} is not a class of {classes} "
@@ -387,23 +395,23 @@ def evaluate_towers(kind, device):
         results["c2c_top1"] = c2c_top1(joint, joint, image)
         if e is not None:
             results["c2c_llm_top1"] = c2c_top1(e, e, image)
-    return results, counts
+    return results, counts, how_text_embeds(text)
 
 def evaluate_llm(device):
     """The stage-1 check: caption-to-caption top-1 of an LLM, the instruction on queries only, every
     caption wrapped in the caption template (resolved here, from the LLM's tokenizer)."""
     net = M.Llama.from_pretrained(model, dtype=getattr(torch, dtype), causal=attention == "causal").to(device).eval()
     tok = M.load_tokenizer(model)
-    tmpl = M.caption_template(tok, template)
-    M.check_embedder(model, attention, tmpl)
+    tmpl = EM.caption_template(tok, template)
+    EM.check_embedder(model, EM.EmbedSpec(instruction, max_length, tmpl, attention))
     print(f"caption template {template!r}: " + (repr(tmpl) if tmpl else "none (captions as given)"))
     def c2c(texts, group):
-        q = M.embed_texts(net, tok, texts, instruction, max_length, batch_size, tmpl)
-        g = M.embed_texts(net, tok, texts, "", max_length, batch_size, tmpl) if instruction else q
+        q = EM.embed_texts(net, tok, texts, instruction, max_length, batch_size, tmpl)
+        g = EM.embed_texts(net, tok, texts, "", max_length, batch_size, tmpl) if instruction else q
         return c2c_top1(q, g, group)
     results, counts = {}, {}
     if c2c_field:
-        texts, group = caption_rows(read_manifest(manifest), c2c_field)
+        texts, group = caption_rows(Manifest(manifest).check(images="ignore"), c2c_field)
         results[f"c2c_top1_{c2c_field}"] = c2c(texts, group)
         counts[c2c_field] = len(texts)
     if cupl:
@@ -411,7 +419,7 @@ def evaluate_llm(device):
             c = json.load(f)
         results["c2c_top1_cupl"] = c2c(c["texts"], c["group"])
         counts["cupl"] = len(c["texts"])
-    return results, counts, tmpl
+    return results, counts, dict(template=tmpl, attention=attention)
 
 # -----------------------------------------------------------------------------
 # the papers' benchmarks
@@ -450,7 +458,7 @@ def open_benchmark(bname, folder):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{bname}={folder}: no {b.file} there (run data/{bname}/prepare.py --out={folder})")
     if b.protocol == "zeroshot":
-        man = check_manifest(path, decode=False, label=True)
+        man = Manifest(path).check(label=True)
         labels, specs = np.asarray(man.labels), {}
         for key, file in (("single", "classes_single.json"), ("ensemble", "classes.json")):
             specs[key] = read_classes(os.path.join(folder, file))
@@ -460,14 +468,14 @@ def open_benchmark(bname, folder):
                                  f"(0..{len(specs[key][0]) - 1}; {len(bad)} such line(s))")
         return dict(man=man, path=path, fields=[], **specs)
     if b.protocol == "languages":
-        man = check_manifest(path, decode=False)
+        man = Manifest(path).check()
         fields = sorted(man.fields)
         if not fields:
             raise ValueError(f"{path}: no caption fields (XM3600's are its language codes)")
-        man.require(fields=fields)  # every image has every language
+        man.check(fields=fields)  # every image has every language
     else:
         fields = [b.field]
-        man = check_manifest(path, fields=fields, decode=False)
+        man = Manifest(path).check(fields=fields)
     if b.protocol == "1:1":  # strict: exactly one caption per record, or the protocol is not the paper's
         n = np.diff(np.asarray(man.ptr(b.field)))
         bad = np.flatnonzero(n != 1)
@@ -570,14 +578,15 @@ def evaluate_benchmarks(kind, device):
         table.append(f"XM3600: the mean over its {len(counts['xm3600']['languages'])} languages (each one's in the JSON).")
     table.append(f"ImageNet 0-shot*: the single template \"a photo of the {{}}.\" (classes_single.json); 0-shot: the "
                  f"{n80} templates of classes.json, averaged.")
-    return results, counts, dict(benchmarks=info, avg_of=avg_of, seconds_per_benchmark=seconds, table=table)
+    return results, counts, dict(benchmarks=info, avg_of=avg_of, seconds_per_benchmark=seconds, table=table,
+                                 **how_text_embeds(text))
 
 # -----------------------------------------------------------------------------
 
 def main(config):
     from configurator import check
     check(config, positive=("batch_size", "max_length"), nonnegative=("num_workers",),
-          choices={"dtype": ("float32", "bfloat16", "float16"), "attention": M.ATTENTION}, files=("out",),
+          choices={"dtype": ("float32", "bfloat16", "float16"), "attention": EM.ATTENTION}, files=("out",),
           rules=[(model != "", "model='': name a stage-2, HF CLIP or HF Llama folder")])
     t0 = time.time()
     kind = model_kind(model)
@@ -586,18 +595,12 @@ def main(config):
     if cache and benchmarks:
         raise ValueError("cache is the single-manifest mode's; with benchmarks, name each benchmark's cache in "
                          "caches=<benchmark>=<folder>,...")
-    extra = {}
     if benchmarks:
         results, counts, extra = evaluate_benchmarks(kind, device)
     elif kind == "llama":
-        results, counts, extra["template"] = evaluate_llm(device)
-        extra["attention"] = attention
+        results, counts, extra = evaluate_llm(device)
     else:
-        results, counts = evaluate_towers(kind, device)
-    if kind == "stage2":
-        with open(os.path.join(model, "text.json")) as f:  # how its text side embeds
-            info = {**OLDER_DEFAULTS, **json.load(f)}
-        extra.update((k, info[k]) for k in OLDER_DEFAULTS)
+        results, counts, extra = evaluate_towers(kind, device)
     if benchmarks:
         print(f"\n{name or model} ({kind})")
         print("\n".join(extra["table"]))
@@ -609,7 +612,7 @@ def main(config):
         for k, v in results.items():  # in the order computed: retrieval per field, multilingual, zero-shot, c2c
             print(f"{k:<24} {v:7.2f}")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    M.write_json(out, {"name": name or model, "model": model, "kind": kind, "results": results, "counts": counts,
+    write_json(out, {"name": name or model, "model": model, "kind": kind, "results": results, "counts": counts,
                        **extra, "config": config, "seconds": time.time() - t0})
     print(f"wrote {out} ({time.time() - t0:.0f}s)")
     return results

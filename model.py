@@ -19,7 +19,8 @@ Output conventions (what outside code can rely on):
     SiglipViT(pixel_values)                  -> (B, hidden)    attention-pooled embedding, not normalised
     CLIPTextTower(input_ids, attention_mask) -> (B, proj_dim)  projected pooled EOS embedding
     Llama(input_ids, attention_mask)         -> (B, T, D)      hidden states after the final norm
-    mean_pool(hidden, mask)                  -> (B, D)         mean over the tokens where mask == 1
+Caption embedding (template, instruction, pooling) lives in embedder.py; every file written here is
+swapped in whole by train_common.atomic_write.
 """
 
 import json
@@ -32,6 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from images import clip_preprocess, read_preprocess, siglip_preprocess
+from train_common import TOKENIZER_FILES, atomic_write, write_json
 
 # -----------------------------------------------------------------------------
 # configs: only what the forward pass needs, read from HF config.json files
@@ -578,75 +582,7 @@ class SiglipViT(nn.Module):
         return model
 
 # -----------------------------------------------------------------------------
-# image preprocessing per tower, and one loader for any image tower
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # dataset.py's numbers (OpenAI's)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PIL_RESAMPLE = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")  # PIL's (and HF's) numbering
-
-@dataclass
-class ImagePreprocess:
-    """The pixels a tower expects: resize with `resample`, scale to [0, 1], then (x - mean) / std per channel.
-    resize "shortest_side_crop": shortest side to `size`, then the centre crop_size x crop_size (CLIP);
-    resize "square": the whole image to size x size, aspect ratio not kept, nothing cropped (SigLIP)."""
-    resize: str
-    size: int
-    crop_size: int  # the side of the square the tower gets (== size for "square")
-    resample: str   # a PIL filter name: Image.Resampling[resample.upper()]
-    image_mean: tuple
-    image_std: tuple
-
-def clip_preprocess(size):
-    """HF CLIPImageProcessor's defaults, at the tower's own resolution."""
-    return ImagePreprocess("shortest_side_crop", size, size, "bicubic", CLIP_MEAN, CLIP_STD)
-
-def siglip_preprocess(size):
-    """HF SiglipImageProcessor's defaults (SigLIP 2's folders override resample with bilinear)."""
-    return ImagePreprocess("square", size, size, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-
-def _square_side(v, what, file):
-    """An HF image-processor size: an int, {"height": n, "width": n} or {"shortest_edge": n} -> n."""
-    if isinstance(v, dict):
-        v = v.get("shortest_edge", v.get("height") if v.get("height") == v.get("width") else None)
-    if not isinstance(v, int):
-        raise ValueError(f"{file}: {what} is not supported (expected a shortest edge or a square size)")
-    return v
-
-def read_preprocess(path, default):
-    """`default` as the folder's preprocessor_config.json (HF image-processor format) says, if it has one.
-    Rescaling is always by 1/255."""
-    file = os.path.join(path, "preprocessor_config.json")
-    if not os.path.isfile(file):
-        return default
-    with open(file) as f:
-        raw = json.load(f)
-    size = raw.get("size", default.size)
-    resize = default.resize  # a plain int size (old CLIP files) keeps the tower's own rule
-    if isinstance(size, dict):
-        resize = "shortest_side_crop" if "shortest_edge" in size else "square"
-    size = _square_side(size, f"size {size!r}", file)
-    crop = size
-    if resize == "shortest_side_crop":
-        if raw.get("do_center_crop") is False:
-            raise ValueError(f"{file}: do_center_crop false (images of any shape) is not supported")
-        crop = _square_side(raw.get("crop_size", size), f"crop_size {raw.get('crop_size')!r}", file)
-    resample = PIL_RESAMPLE[raw.get("resample", PIL_RESAMPLE.index(default.resample))]
-    norm = raw.get("do_normalize", True)
-    mean = tuple(raw.get("image_mean", default.image_mean)) if norm else (0.0, 0.0, 0.0)
-    std = tuple(raw.get("image_std", default.image_std)) if norm else (1.0, 1.0, 1.0)
-    return ImagePreprocess(resize, size, crop, resample, mean, std)
-
-def preprocess_config(p: ImagePreprocess):
-    """p as an HF preprocessor_config.json dict (what transformers' CLIP / SigLIP image processors save), so an
-    exported folder carries its tower's preprocessing: read_preprocess(folder) gives p back."""
-    crop = p.resize == "shortest_side_crop"
-    out = {"image_processor_type": "CLIPImageProcessor" if crop else "SiglipImageProcessor",
-           "do_resize": True, "size": {"shortest_edge": p.size} if crop else {"height": p.size, "width": p.size},
-           "resample": PIL_RESAMPLE.index(p.resample), "do_rescale": True, "rescale_factor": 1 / 255,
-           "do_normalize": True, "image_mean": list(p.image_mean), "image_std": list(p.image_std), "do_convert_rgb": True}
-    if crop:
-        out.update(do_center_crop=True, crop_size={"height": p.crop_size, "width": p.crop_size})
-    return out
+# one loader for any image tower (their preprocessing: images.py)
 
 IMAGE_TOWERS = {"clip": ViT, "clip_vision_model": ViT, "siglip": SiglipViT, "siglip_vision_model": SiglipViT}
 
@@ -780,32 +716,6 @@ def load_lora(model, path):
         raise KeyError(f"{path}: " + (f"unexpected key {extra[0]!r}" if extra else f"missing key {miss[0]!r}"))
     model.load_state_dict(sd, strict=False)
     return model
-
-def atomic_write(path, write):
-    """write(tmp) into a temporary name, then swap it in: a kill never leaves a half-written file or
-    folder at `path`. A folder being replaced is first renamed to `path.old` (removed after the swap);
-    `recover(path)` brings it back if a kill fell between the two renames."""
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    if os.path.isdir(path):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-def write_json(path, obj):
-    """A JSON file written through atomic_write."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-    atomic_write(path, write)
-
-def recover(path):
-    """After a kill inside atomic_write: the previous complete folder is at `path.old`."""
-    if not os.path.exists(path) and os.path.isdir(path + ".old"):
-        os.replace(path + ".old", path)
-    return path
 
 # -----------------------------------------------------------------------------
 # Llama as a text encoder
@@ -1004,10 +914,10 @@ class Llama(nn.Module):
         model.hf_config = raw
         return model
 
-    def save_pretrained(self, out, tokenizer_from=None, embedder=None):
+    def save_pretrained(self, out, tokenizer_from=None, json_files=None):
         """Export as an HF LlamaForCausalLM folder (LoRA merged in, the model itself untouched):
         model.safetensors + config.json + the tokenizer files of `tokenizer_from` (default: the source),
-        and embedder.json when `embedder` (a dict: how stage 1 embedded captions, see check_embedder)."""
+        and json_files ({name: JSON object}, e.g. stage 1's embedder.json), swapped in together."""
         from safetensors.torch import save_file
         sd = {}
         for name, m in self.named_modules():
@@ -1035,18 +945,15 @@ class Llama(nn.Module):
                       metadata={"format": "pt"})
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(raw, f, indent=2)
-            if src:
-                for n in TOKENIZER_FILES:
+            extra = ("chat_template.jinja", "chat_template.json", "generation_config.json")
+            if src:  # the tokenizer, and the chat template and generation config of an HF LLM
+                for n in TOKENIZER_FILES + extra:
                     if os.path.isfile(os.path.join(src, n)):
                         shutil.copy(os.path.join(src, n), os.path.join(tmp, n))
-            if embedder:
-                with open(os.path.join(tmp, "embedder.json"), "w") as f:
-                    json.dump(embedder, f, indent=2)
+            for name, obj in (json_files or {}).items():
+                with open(os.path.join(tmp, name), "w") as f:
+                    json.dump(obj, f, indent=2)
         atomic_write(out, write)
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-                   "generation_config.json")
 
 def llama_config(raw):
     """LlamaConfig from an HF config dict, old (rope_theta + rope_scaling) or new (rope_parameters) style."""
@@ -1065,131 +972,6 @@ def llama_hf_dict(cfg: LlamaConfig):
     d["hidden_act"] = "silu"
     d["rope_parameters"] = {"rope_type": "default", **cfg.rope_scaling, "rope_theta": cfg.rope_theta}
     return d
-
-# -----------------------------------------------------------------------------
-# pooling
-
-def mean_pool(hidden, mask):
-    """(B, T, D), (B, T) 0/1 -> (B, D) fp32: mean over the tokens where mask is 1 (fp32 whatever the
-    model's dtype, so a bf16 model's embedding is not rounded before it is normalised and stored)."""
-    m = mask.to(torch.float32).unsqueeze(-1)
-    return (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1.0)
-
-def skip_instruction(attention_mask, n_instruction):
-    """The pooling mask that drops the first n_instruction[i] real tokens of each row (LLM2Vec's "skip
-    instruction": the instruction is attended to but not pooled). Works with padding on either side."""
-    n = torch.as_tensor(n_instruction, device=attention_mask.device).reshape(-1, 1)
-    real = attention_mask.bool()
-    rank = attention_mask.long().cumsum(-1)  # 1 for the first real token, 2 for the next, ...
-    return (real & (rank > n)).to(attention_mask.dtype)
-
-# Caption templates: how a chat model sees a caption. LLM2CLIP's code (through LLM2Vec) wraps every caption
-# of a Llama-3-Instruct model in a user turn written out by hand (not apply_chat_template), in stage 1, in
-# the embedding cache and in evaluation alike; the tokenizer adds <|begin_of_text|> in front.
-LLAMA3_TEMPLATE = "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"  # the official string
-CHATML_TEMPLATE = "<|im_start|>user\n{}<|im_end|>"  # LLM2Vec's wrap for Qwen2; SmolLM2-Instruct's chat format
-
-def caption_template(tokenizer, setting="auto"):
-    """The caption template that `setting` means for this tokenizer: a format string with one "{}", or ""
-    for none. "auto": LLAMA3_TEMPLATE when the vocabulary has <|start_header_id|>, <|end_header_id|> and
-    <|eot_id|>; else CHATML_TEMPLATE when it has <|im_start|> and <|im_end|>; else "" (no chat format).
-    "none" or "": no wrap. Anything else is a template, used as given (it must hold "{}" exactly once)."""
-    if setting in ("", "none"):
-        return ""
-    if setting == "auto":
-        vocab = tokenizer.get_vocab()  # added (special) tokens included
-        if all(t in vocab for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")):
-            return LLAMA3_TEMPLATE
-        if all(t in vocab for t in ("<|im_start|>", "<|im_end|>")):
-            return CHATML_TEMPLATE
-        return ""
-    if setting.count("{}") != 1:
-        raise ValueError(f"caption template {setting!r}: expected 'auto', 'none', or a format string with "
-                         f"one '{{}}' where the caption goes")
-    return setting
-
-ATTENTION = ("bidirectional", "causal")  # how a Llama embeds: LLM2Vec's bidirectional mask, or the decoder's own
-
-def check_embedder(path, attention, template):
-    """A stage-1 LLM folder records in embedder.json the attention and (resolved) caption template it was
-    trained with; embedding with others gives vectors stage 1 never shaped, silently. Refused, naming both.
-    A folder without the file (a raw LLM) accepts any."""
-    f = os.path.join(path, "embedder.json")
-    if not os.path.isfile(f):
-        return
-    with open(f) as fh:
-        rec = json.load(fh)
-    for key, value in (("attention", attention), ("template", template)):
-        if key in rec and rec[key] != value:
-            raise ValueError(f"{f}: stage 1 trained this LLM with {key} {rec[key]!r}, but this run embeds with "
-                             f"{value!r}; set {key}={rec[key]!r}" + (" (the template setting resolves to the string)"
-                                                                     if key == "template" else ""))
-
-def tokenize_for_embedding(tokenizer, texts, instruction="", max_length=512, template=""):
-    """Texts -> (token id lists, prefix lengths). A row is
-        [BOS if the tokenizer adds one] + head + instruction + caption + tail
-    where template = head + "{}" + tail (a setting of caption_template: "auto" is resolved here; "" = no
-    wrap; the scripts pass their `template` setting, "auto" by default). The prefix (BOS, head, instruction) is
-    attended to but left out of the pooling by `skip_instruction`; the caption's tokens and the tail are
-    pooled (LLM2CLIP pools Llama 3's <|eot_id|>), so queries (with an instruction) and keys (without) pool
-    the same kind of tokens, never BOS, the chat header or the instruction (LLM2Vec's rule). Over
-    max_length the caption loses its last tokens and the tail is kept (the official code cuts the whole
-    string, tail included: a difference only for captions over max_length). Inside a template the caption
-    is stripped of surrounding whitespace, as the official wrap does. The pieces are tokenized apart; for
-    the two chat templates that gives the ids of the whole string (they meet at special tokens and
-    newlines, where Llama 3's and SmolLM2's pre-tokenizers split anyway)."""
-    template = caption_template(tokenizer, template)
-    head, tail = template.split("{}") if template else ("", "")
-    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
-    probe = tokenizer("a")["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id else []
-    head_ids, tail_ids, instr = enc(head), enc(tail), enc(instruction)
-    if bos and head_ids[:1] == bos:
-        raise ValueError(f"caption template {template!r} starts with the BOS token, which the tokenizer adds itself: "
-                         f"leave it out of the template")
-    prefix = bos + head_ids + instr
-    room = max_length - len(prefix) - len(tail_ids)
-    if room < 1:
-        raise ValueError(f"max_length {max_length} leaves no room for the caption after the template and the instruction")
-    if template:
-        texts = [t.strip() for t in texts]
-    # with an instruction the caption follows it after a space, as in the text "instruction caption"
-    captions = tokenizer([" " + t if instruction else t for t in texts], add_special_tokens=False)["input_ids"]
-    ids = [prefix + c[:room] + tail_ids for c in captions]
-    return ids, [len(prefix)] * len(ids)
-
-def pad_batch(ids, pad_id=0, device=None):
-    """Token id lists -> (input_ids, attention_mask), right-padded to the longest."""
-    T = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(ids), T, dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, :len(x)] = torch.tensor(x)
-        mask[i, :len(x)] = 1
-    return input_ids.to(device), mask.to(device)
-
-@torch.no_grad()
-def embed_texts(llm, tokenizer, texts, instruction="", max_length=512, batch_size=64, template=""):
-    """Mean-pooled, L2-normalised fp32 embeddings (N, D) of texts, in their order, each caption wrapped in
-    `template` (see tokenize_for_embedding and caption_template). Batches are formed
-    from length-sorted texts (little padding); the result does not depend on the order of `texts`'s rows
-    beyond that batching. Identical texts are embedded once (the demo's short captions repeat ~45x)."""
-    template = caption_template(tokenizer, template)  # resolved once, not per batch
-    uniq = list(dict.fromkeys(texts))
-    if len(uniq) < len(texts):
-        where = {t: i for i, t in enumerate(uniq)}
-        out = embed_texts(llm, tokenizer, uniq, instruction, max_length, batch_size, template)
-        return out[torch.tensor([where[t] for t in texts], device=out.device)]
-    ids, n_prefix = tokenize_for_embedding(tokenizer, texts, instruction, max_length, template)
-    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
-    dev = llm.embed_tokens.weight.device
-    out = torch.empty(len(ids), llm.config.hidden_size, dtype=torch.float32, device=dev)
-    for s in range(0, len(order), batch_size):
-        rows = order[s:s + batch_size]
-        input_ids, mask = pad_batch([ids[i] for i in rows], device=dev)
-        pooled = mean_pool(llm(input_ids, mask), skip_instruction(mask, [n_prefix[i] for i in rows]))
-        out[torch.tensor(rows, device=dev)] = F.normalize(pooled.float(), dim=-1)
-    return out
 
 # -----------------------------------------------------------------------------
 # Adaptor: LLM embedding -> CLIP joint space

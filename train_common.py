@@ -1,13 +1,16 @@
 """
-What the stage scripts share: the torchrun set-up, the learning-rate schedule, the global batch of a
-step, checkpoints (safetensors + optimizer state + JSON, swapped in whole) with the identity of the run
-they belong to (settings and input fingerprints, checked on resume), and the step log line.
+What the stage scripts share: the torchrun set-up, the learning-rate schedule, the global batch of
+a step, files swapped in whole (atomic_write), checkpoints (safetensors + optimizer state + JSON)
+with the identity of the run they belong to (settings and input fingerprints, checked on resume),
+and the step log line. Of the project it imports embedder.py only (model.py imports this one).
 """
 
+import functools
 import hashlib
 import json
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -16,7 +19,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import model as M
+from embedder import read_spec
 
 def setup_distributed(backend=None):
     """(ddp, rank, world, device) from torchrun's environment; one process when RANK is unset.
@@ -98,6 +101,35 @@ def global_batch(seed, step, n_images, G, fixed=False):
     return epoch, images, np.random.default_rng([seed, step])
 
 # -----------------------------------------------------------------------------
+# files swapped in whole
+
+def atomic_write(path, write):
+    """write(tmp) into a temporary name, then swap it in: a kill never leaves a half-written file
+    or folder at `path`. A folder being replaced is first renamed to `path.old` (removed after the
+    swap); `recover(path)` brings it back if a kill fell between the two renames."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if os.path.isdir(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+def write_json(path, obj):
+    """A JSON file written through atomic_write."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    atomic_write(path, write)
+
+def recover(path):
+    """After a kill inside atomic_write: the previous complete folder is at `path.old`."""
+    if not os.path.exists(path) and os.path.isdir(path + ".old"):
+        os.replace(path + ".old", path)
+    return path
+
+# -----------------------------------------------------------------------------
 # checkpoints, and what they were made from: resuming with anything else is refused
 
 FINGERPRINTS = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nano-llm2clip",
@@ -134,28 +166,38 @@ def files_fingerprint(files):
         pass
     return sha
 
+@functools.lru_cache(maxsize=None)
+def model_fingerprint(path):
+    """sha256 of an HF model folder's config.json and every safetensors file: any change of weights
+    gives another fingerprint (what caches and text.json record of their LLM). Remembered as
+    files_fingerprint does, so an unchanged 8B model (16 GB) is not rehashed at every start."""
+    names = ["config.json"] + sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    return files_fingerprint([os.path.join(path, n) for n in names])
+
 def _sha(obj):
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model")
+# what tokenizing a text reads: a tokenizer's fingerprint, and what an exported LLM folder copies
+# (with the chat template and generation config, which change no token of a caption)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 def input_fingerprint(name, path, manifest=None, fields=()):
     """What an input of a run holds, as a sha256, by the setting's name:
     manifest   its index's record count, size, content sample and the caption fingerprints of `fields`
-               (`manifest`: the run's dataset.Manifest);
+               (`manifest`: the run's manifest.Manifest);
     cache      its meta.json: the model's fingerprint, the embedding settings, each of `fields`' count and
                caption fingerprint (the rows are those of that model on those captions);
     tokenizer  the tokenizer files of the folder;
-    otherwise  a folder: config.json + weights of an HF model (embed_cache.model_fingerprint, what caches
-               and text.json record), or the .json + .safetensors files of another folder (an adaptor)."""
+    otherwise  a folder: config.json + weights of an HF model (model_fingerprint, what caches and
+               text.json record), or the .json + .safetensors files of another folder (an
+               adaptor)."""
     if name == "manifest":
         m = manifest.meta
         return _sha(dict(lines=m["lines"], size=m["size"], sample=m["sample_sha256"],
                          fields={f: manifest.fingerprint(f) for f in fields}))
-    if name == "cache":
-        from embed_cache import read_meta
-        meta = read_meta(path)
+    if name == "cache":  # (older caches read with the defaults of the fields they lack: read_spec)
+        _, meta = read_spec(os.path.join(path, "meta.json"))
         return _sha({**{k: v for k, v in meta.items() if k not in ("model", "manifest", "complete", "over_length", "fields")},
                      "fields": {f: meta["fields"].get(f) for f in fields}})
     if not os.path.isdir(path):
@@ -163,7 +205,6 @@ def input_fingerprint(name, path, manifest=None, fields=()):
     if name == "tokenizer":
         return files_fingerprint([os.path.join(path, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(path, n))])
     if os.path.isfile(os.path.join(path, "config.json")):
-        from embed_cache import model_fingerprint
         return model_fingerprint(path)
     return files_fingerprint(sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith((".json", ".safetensors"))))
 
@@ -174,21 +215,22 @@ def run_identity(config, settings, inputs, manifest=None, fields=()):
     inputs:   names of config values that are paths to what the run reads (manifest, models, cache, adaptor,
               tokenizer); recorded with their path and compared by content (input_fingerprint), so a moved
               copy resumes and another file at the same path does not. An empty path is recorded as such.
-    manifest, fields: the run's dataset.Manifest and the caption fields it reads (for manifest and cache)."""
+    manifest, fields: the run's manifest.Manifest and the caption fields it reads (for manifest and cache)."""
     return {"settings": {k: config[k] for k in settings},
             "inputs": {k: {"path": config[k], "fingerprint": input_fingerprint(k, config[k], manifest, fields) if config[k] else ""}
                        for k in inputs}}
 
 def save_checkpoint(path, tensors, opt, step, config, identity):
-    """tensors (name -> tensor) to weights.safetensors, the optimizer to optimizer.pt, {step, config,
-    identity (run_identity)} to state.json; written beside `path` and swapped in whole (model.atomic_write)."""
+    """tensors (name -> tensor) to weights.safetensors, the optimizer to optimizer.pt, {step,
+    config, identity (run_identity)} to state.json; written beside `path`, swapped in whole
+    (atomic_write)."""
     def write(tmp):
         os.makedirs(tmp)
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, os.path.join(tmp, "weights.safetensors"))
         torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"step": step, "config": config, "identity": identity}, f, indent=2)
-    M.atomic_write(path, write)
+    atomic_write(path, write)
 
 def _short(x):
     return (x[:12] + "...") if isinstance(x, str) and len(x) == 64 else repr(x)

@@ -25,14 +25,16 @@ Every step's images and caption choices are a function of (seed, step) and of th
 a resumed run (checkpoint every `ckpt_interval` steps, and at the end) ends with the same weights as an
 uninterrupted one. For llm2clip, N ranks take the same step as one process with N times the batch (the
 loss is a mean, the negatives are gathered). ProCLIP's two terms are sums over each rank's own batch, as
-in the paper's code (DESIGN.md section 4): with more ranks each L_struct sees pairs within a rank only.
-Caption template (`template`, model.caption_template): as the official code feeds Llama-3-Instruct, every
-caption is wrapped in the model's chat user turn; "auto" picks the wrap from the tokenizer's vocabulary
-(Llama 3's, ChatML for <|im_start|> vocabularies such as SmolLM2-Instruct's, else none), "none" turns it
-off. Queries carry the instruction inside the wrap, keys do not; only the caption and the wrap's tail are
-pooled. embed_cache.py and evaluate.py wrap the same way (the cache records the resolved string), so the
-setting must be the same across the stages. Difference from the paper's setup, on purpose: no hard
-negatives (one positive per query).
+in the paper's code (not gathered; the gradients are averaged over ranks): with more ranks each
+L_struct sees pairs within a rank only.
+Caption template (`template`, embedder.caption_template): as the official code feeds
+Llama-3-Instruct, every caption is wrapped in the model's chat user turn; "auto" picks the wrap from
+the tokenizer's vocabulary (Llama 3's, ChatML for <|im_start|> vocabularies such as
+SmolLM2-Instruct's, else none), "none" turns it off. Queries carry the instruction inside the wrap,
+keys do not; only the caption and the wrap's tail are pooled. merged/embedder.json records how (an
+embedder.EmbedSpec: attention, resolved template, instruction, max length, pooling);
+embed_cache.py and evaluate.py refuse to embed the merged LLM with another attention or template.
+Difference from the paper's setup, on purpose: no hard negatives (one positive per query).
 """
 
 import os
@@ -44,12 +46,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+import embedder as EM
 import model as M
-from dataset import Manifest
+from manifest import Manifest
 from fused_losses import all_gather_with_grad, structure_loss
 from configurator import check
-from train_common import (StepLog, cosine_lr, global_batch, load_checkpoint, run_identity, save_checkpoint,
-                          setup_distributed, teardown_distributed)
+from train_common import (StepLog, cosine_lr, global_batch, load_checkpoint, recover, run_identity,
+                          save_checkpoint, setup_distributed, teardown_distributed)
 
 # -----------------------------------------------------------------------------
 method = "llm2clip"              # llm2clip | proclip
@@ -151,12 +154,12 @@ def llm2clip_step(llm, tok, tmpl, records, images, rng, part, device):
     if rng.random() < 0.5:
         a, b = b, a
     queries, keys = a[part], b[part]
-    q_ids, q_pre = M.tokenize_for_embedding(tok, queries, instruction, max_length, tmpl)  # tmpl: resolved
-    k_ids, _ = M.tokenize_for_embedding(tok, keys, "", max_length, tmpl)
+    q_ids, q_pre = EM.tokenize_for_embedding(tok, queries, instruction, max_length, tmpl)  # tmpl: resolved
+    k_ids, _ = EM.tokenize_for_embedding(tok, keys, "", max_length, tmpl)
     # one forward for queries and keys together (unpadding makes the mixed lengths cheap)
-    ids, mask = M.pad_batch(q_ids + k_ids, device=device)
-    pool = M.skip_instruction(mask, q_pre + [0] * len(k_ids))
-    emb = F.normalize(M.mean_pool(llm(ids, mask), pool).float(), dim=-1)
+    ids, mask = EM.pad_batch(q_ids + k_ids, device=device)
+    pool = EM.skip_instruction(mask, q_pre + [0] * len(k_ids))
+    emb = F.normalize(EM.mean_pool(llm(ids, mask), pool).float(), dim=-1)
     q, p = emb.split(len(queries))
     return simcse_loss(q, p, simcse_scale)
 
@@ -195,7 +198,7 @@ def main(config):
     check(config, positive=("batch_size", "max_steps", "log_interval", "ckpt_interval", "max_length", "lr", "simcse_scale",
                             "lora_r", "lora_alpha", "grad_clip"),
           nonnegative=("warmup_steps", "min_lr", "weight_decay", "lora_top_layers", "adaptor_out", "struct_beta", "halt_at"),
-          choices={"method": ("llm2clip", "proclip"), "dtype": ("float32", "bfloat16"), "attention": M.ATTENTION},  # (float16 needs a grad scaler)
+          choices={"method": ("llm2clip", "proclip"), "dtype": ("float32", "bfloat16"), "attention": EM.ATTENTION},  # (float16 needs a grad scaler)
           rules=[(warmup_steps <= max_steps, f"warmup_steps={warmup_steps}: more than max_steps={max_steps}"),
                  (min_lr <= lr, f"min_lr={min_lr}: more than lr={lr}"),
                  (0 <= lora_dropout < 1, f"lora_dropout={lora_dropout}: must be within [0, 1)"),
@@ -211,7 +214,7 @@ def main(config):
 
     torch.manual_seed(seed)  # LoRA A and the adaptor start the same on every rank and every run
     # the manifest through its index (built and checked once, on first use): records[i] is read on demand
-    records = Manifest(manifest, index_dir or None).require(images="ignore")  # (stage 1 reads no images)
+    records = Manifest(manifest, index_dir or None).check(images="ignore")  # (stage 1 reads no images)
     G = batch_size * world
     part = slice(rank * batch_size, (rank + 1) * batch_size)  # this rank's share of each global batch
     if len(records) < G:
@@ -219,13 +222,13 @@ def main(config):
 
     if method == "llm2clip":
         # every image must have captions in every field (and parallel fields as many): fail now, not mid-run
-        records.require(fields=used, images="ignore")
+        records.check(fields=used, images="ignore")
         # the frozen base in the compute dtype; the LoRA tensors add_lora creates stay fp32
         net = M.Llama.from_pretrained(model, dtype=getattr(torch, dtype), causal=attention == "causal").to(device)
         M.add_lora(net, lora_r, lora_alpha, lora_dropout, top_layers=lora_top_layers)
         net.grad_checkpointing = grad_checkpointing
         tok = M.load_tokenizer(model)
-        tmpl = M.caption_template(tok, template)  # resolved once: "" = no wrap
+        tmpl = EM.caption_template(tok, template)  # resolved once: "" = no wrap
         if master:
             print(f"caption template {template!r}: " + (repr(tmpl) if tmpl else "none (captions as given)"))
         step_fn = lambda images, rng: (llm2clip_step(net, tok, tmpl, records, images, rng, part, device), None)  # noqa: E731
@@ -235,7 +238,7 @@ def main(config):
         clip_tok = M.load_tokenizer(clip)
         caches = {}
         for field in ins_fields.split(","):
-            records.require(fields=[field], images="ignore")  # (array, image -> its rows, row -> its text): lazy views
+            records.check(fields=[field], images="ignore")  # (array, image -> its rows, row -> its text): lazy views
             caches[field] = (open_cache(cache, field, model, records), records.rows_of(field), records.texts_of(field))
         dim = caches[ins_fields.split(",")[0]][0].shape[1]
         net = M.Adaptor.for_method("proclip", dim, adaptor_out or teacher.config.projection_dim).to(device)
@@ -246,7 +249,7 @@ def main(config):
               {"params": [p for p in trainable.values() if p.ndim < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)  # one kernel for all tensors
 
-    ckpt = M.recover(os.path.join(out_dir, "ckpt"))
+    ckpt = recover(os.path.join(out_dir, "ckpt"))
     identity = run_identity(config, MUST_MATCH, INPUTS[method], records, used)
     step = load_checkpoint(ckpt, trainable, opt, identity) if os.path.isdir(ckpt) else 0
     if master:
@@ -291,8 +294,10 @@ def main(config):
         net.eval()
         if method == "llm2clip":
             M.save_lora(net, os.path.join(out_dir, "lora.safetensors"))
-            net.save_pretrained(os.path.join(out_dir, "merged"), embedder=dict(  # checked by embed_cache/evaluate
-                attention=attention, template=tmpl, instruction=instruction, max_length=max_length, pooling="mean"))
+            # how the merged LLM embeds: embed_cache.py and evaluate.py refuse other settings
+            spec = EM.EmbedSpec(instruction, max_length, tmpl, attention)
+            record = {EM.EMBEDDER_JSON: EM.put_spec({}, spec)}
+            net.save_pretrained(os.path.join(out_dir, "merged"), json_files=record)
         else:
             net.save_pretrained(out_dir)
         print(f"done in {time.time() - t_start:.0f}s: {out_dir}")

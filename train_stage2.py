@@ -1,5 +1,5 @@
 """
-Stage 2: re-align a pretrained image tower to the text side, contrastively (DESIGN.md sections 4 and 5).
+Stage 2: re-align a pretrained image tower to the text side, contrastively (the papers' stage 2).
 The tower comes from model.load_image_tower(clip): a CLIP folder (ViT) or a SigLIP / fixed-resolution
 SigLIP 2 folder (SiglipViT), preprocessed as the folder says (tower.preprocess).
 
@@ -22,14 +22,15 @@ scale), otherwise from the loss's own init: s = 1/0.07 (CLIP), s = 10 and t = -1
     python train_stage2.py config/stage2_llm2clip_demo.py
     torchrun --standalone --nproc_per_node=8 train_stage2.py config/stage2_llm2clip_demo.py --batch_size=512
 
-In:  a manifest (dataset.py), an HF CLIP or SigLIP folder, and for the LLM methods the embedding cache of
+In:  a manifest (manifest.py), an HF CLIP or SigLIP folder, and for the LLM methods the embedding cache of
      the manifest and the LLM that made it (checked by fingerprint).
 Out: out_dir/model/  llm2clip, proclip: config.json + model.safetensors (an HF CLIPVisionModelWithProjection
                      or SiglipVisionModel folder, whichever the tower is, plus logit_scale, and logit_bias
                      for the sigmoid loss, as extra tensors that model.py's loaders skip and
                      read_logit_scale / read_logit_bias read), preprocessor_config.json (the tower's
-                     preprocessing), adaptor.safetensors + adaptor.json, text.json (which LLM, its
-                     fingerprint, the instruction and max length its embeddings were made with, the loss);
+                     preprocessing), adaptor.safetensors + adaptor.json, text.json (which LLM,
+                     its fingerprint, how its embeddings were made: the cache's
+                     embedder.EmbedSpec; the loss);
                      clip: an HF CLIPModel folder with its tokenizer (and the same extras).
      out_dir/ckpt/   the last checkpoint (resumed from automatically), out_dir/log.jsonl.
 Each step takes one caption per image: a field of `fields` at random, then one of its captions (the public
@@ -58,11 +59,14 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import embedder as EM
 import model as M
-from dataset import ImageDataset, Manifest, collate
+from images import ImageDataset, collate, preprocess_config
+from manifest import Manifest
 from fused_losses import contrastive_loss, sigmoid_loss, structure_loss
 from configurator import check
-from train_common import (StepLog, cosine_lr, global_batch, load_checkpoint, run_identity, save_checkpoint,
+from train_common import (StepLog, atomic_write, cosine_lr, global_batch, load_checkpoint,
+                          model_fingerprint, recover, run_identity, save_checkpoint,
                           setup_distributed, teardown_distributed)
 
 # -----------------------------------------------------------------------------
@@ -244,19 +248,19 @@ def export(out, net, tok, config):
     def write(tmp):
         os.makedirs(tmp)
         with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
-            json.dump(M.preprocess_config(vit.preprocess), f, indent=2)
+            json.dump(preprocess_config(vit.preprocess), f, indent=2)
         if isinstance(text, M.Adaptor):
             save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 arch = "SiglipVisionModel" if siglip else "CLIPVisionModelWithProjection"
                 json.dump({**vcfg, "architectures": [arch]}, f, indent=2)
             text.save_pretrained(tmp)
-            from embed_cache import model_fingerprint, read_meta
-            meta = read_meta(cache)
+            from embed_cache import read_meta
+            spec, _ = read_meta(cache)  # how the adaptor's inputs were made: evaluate.py embeds so
+            info = dict(llm=llm, llm_sha256=model_fingerprint(llm), method=method, loss=loss,
+                        config=config)
             with open(os.path.join(tmp, "text.json"), "w") as f:
-                json.dump(dict(llm=llm, llm_sha256=model_fingerprint(llm), instruction=meta["instruction"],
-                               max_length=meta["max_length"], template=meta["template"], attention=meta["attention"],
-                               method=method, loss=loss, config=config), f, indent=2)
+                json.dump(EM.put_spec(info, spec), f, indent=2)
         else:
             sd.update({k: v.detach().float().contiguous().cpu() for k, v in text.state_dict().items()})
             tcfg = {**vars(text.config), "model_type": "clip_text_model", "pad_token_id": tok.pad_token_id}
@@ -267,7 +271,7 @@ def export(out, net, tok, config):
                            "logit_scale_init_value": sd["logit_scale"].item(), "text_config": tcfg, "vision_config": vc}, f, indent=2)
             save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
             tok.save_pretrained(tmp)
-    M.atomic_write(out, write)
+    atomic_write(out, write)
 
 # -----------------------------------------------------------------------------
 
@@ -294,7 +298,7 @@ def main(config):
     # the manifest through its index (built once, in parallel, and checked on first use): memory maps and
     # lines read on demand, nothing per image in this process or its workers. Every image needs captions in
     # every field, and (unless skip_bad) an image file: refused now, naming the lines
-    man = Manifest(manifest, index_dir or None).require(fields=names, images="skip" if skip_bad else "error")
+    man = Manifest(manifest, index_dir or None).check(fields=names, images="skip" if skip_bad else "error")
     G = batch_size * world
     part = slice(rank * batch_size, (rank + 1) * batch_size)
     if len(man) < G:
@@ -348,7 +352,7 @@ def main(config):
     tensors = dict(net.state_dict())  # what a checkpoint holds (views of the live tensors)
     if teacher is not None:
         tensors.update({f"ema.{k}": v for k, v in teacher.state_dict().items()})
-    ckpt = M.recover(os.path.join(out_dir, "ckpt"))
+    ckpt = recover(os.path.join(out_dir, "ckpt"))
     inputs = [k for k in INPUTS[method] if k != "tokenizer" or not clip]  # (a CLIP folder brings its own tokenizer)
     identity = run_identity(config, MUST_MATCH, inputs, man, names)
     start = load_checkpoint(ckpt, tensors, opt, identity) if os.path.isdir(ckpt) else 0

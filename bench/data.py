@@ -40,7 +40,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-import dataset as D
+from images import CLIP_STD, ImageDataset, eval_transform, train_transform
+from manifest import Manifest
 
 # -----------------------------------------------------------------------------
 sizes = "1e4,1e5,1e6,1e7"      # manifest sizes (images)
@@ -191,8 +192,8 @@ def data_path_cpu(manifest, fields, n_steps=40):
     and insensitive to other load on the machine. The index exists (the runs built it)."""
     from train_common import global_batch
     torch.set_num_threads(1)
-    man = D.Manifest(manifest).require(fields=fields)
-    ds = D.ImageDataset(man, size=32, train=True, seed=1)
+    man = Manifest(manifest).check(fields=fields)
+    ds = ImageDataset(man, size=32, train=True, seed=1)
     t = time.process_time()
     for step in range(n_steps):
         epoch, images, rng = global_batch(1337, step, len(man), batch_size)
@@ -268,8 +269,8 @@ def bench_decode():
                 def fn(data, k):
                     img = Image.open(io.BytesIO(data))
                     if mode == "train":
-                        return D.train_transform(img, size, torch.Generator().manual_seed(k), draft=draft)
-                    return D.eval_transform(img, size, draft=draft)
+                        return train_transform(img, size, torch.Generator().manual_seed(k), draft=draft)
+                    return eval_transform(img, size, draft=draft)
                 return fn
             for mode in ("train", "eval"):
                 plain, draft = run(mode, False), run(mode, True)
@@ -277,7 +278,7 @@ def bench_decode():
                 for _ in range(3):  # interleaved, best of 3: the least disturbed measurement of each
                     t_plain.append(per_image_cpu(datas, plain))
                     t_draft.append(per_image_cpu(datas, draft))
-                diffs = [(plain(d, k) - draft(d, k)).abs() * torch.tensor(D.CLIP_STD).view(3, 1, 1) * 255
+                diffs = [(plain(d, k) - draft(d, k)).abs() * torch.tensor(CLIP_STD).view(3, 1, 1) * 255
                          for k, d in enumerate(datas)]  # in 8-bit levels
                 rows.append(dict(source=f"{w}x{h}", size=size, transform=mode, plain_img_s=round(1 / min(t_plain), 1),
                                  draft_img_s=round(1 / min(t_draft), 1), speedup=round(min(t_plain) / min(t_draft), 2),

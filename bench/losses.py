@@ -1,13 +1,17 @@
 """
 Benchmark the fused losses against their PyTorch references on one GPU.
 
-    python -m bench.losses                     # full sweep: N 4096..131072, D 512/768/1024, bf16
-    python -m bench.losses--ns=4096,8192 --ds=512 --ops=contrastive,sigmoid   # a slice of it
+    python -m bench.losses                      # full sweep: N 4096..131072, D 512/768/1024, bf16
+    python -m bench.losses --ns=4096,8192 --ds=512 --ops=contrastive,sigmoid   # a slice of it
+    python -m bench.losses --device=cpu --ns=64 --ds=32 --providers=ours,torch  # tests the script
 
 Writes bench/results/losses.csv (op,provider,N,D,dtype,fwd_ms,bwd_ms,total_ms,peak_mem_mb,tflops,gpu; a case
-that ran out of memory or failed is a row saying so in fwd_ms), bench/results/losses.md (the table with the
+that ran out of memory or failed is a row saying so in fwd_ms; each row is appended as it is
+measured, so a sweep cut short keeps its rows), bench/results/losses.md (the table with the
 GPU, library versions and commit) and bench/results/losses.png (needs matplotlib; skipped with a message
-if it is missing). Without a GPU it says so and exits cleanly.
+if it is missing). Without a GPU it says so and exits cleanly. --device=cpu runs the kernels in
+Triton's interpreter and times them by the wall clock (no memory column): toy sizes only, to test
+the script.
 
 Providers. contrastive: ours, torch (the reference in bf16, eager), torch-compile (the same under
 torch.compile), inf-cl (PyPI inf-cl's cal_inf_loss run in both directions and averaged, when
@@ -23,13 +27,16 @@ that count over the measured time for every provider, so providers compare by ti
 fraction of the dense bf16 peak (PEAK_TFLOPS) that time reaches.
 """
 
-import csv
 import importlib.metadata
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 import torch
+
+from bench.csvlog import append_row
 
 # -----------------------------------------------------------------------------
 # settings, overridable as --key=value
@@ -41,7 +48,8 @@ dtype = "bfloat16"
 scale = 100.0  # logit multiplier s for the contrastive and sigmoid losses
 bias = -10.0  # logit bias t for the sigmoid loss (SigLIP's initial value)
 out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # losses.{csv,md,png}
-PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}  # dense bf16, about (DESIGN.md section 8)
+device = "cuda"  # or "cpu": Triton's interpreter, toy sizes (a test of this script)
+PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}  # dense bf16, about (docs/design.md, Kernels)
 # -----------------------------------------------------------------------------
 
 COLUMNS = ["op", "provider", "N", "D", "dtype", "fwd_ms", "bwd_ms", "total_ms", "peak_mem_mb", "tflops", "gpu"]
@@ -76,7 +84,7 @@ def _loss_fn(op, provider):
                 return None
             return lambda a, b, s: (cal_inf_loss(a, b, scale=s) + cal_inf_loss(b, a, scale=s)) / 2
     if op == "sigmoid":
-        t = torch.tensor(bias, device="cuda", requires_grad=True)  # learnable, so its gradient is timed too
+        t = torch.tensor(bias, device=device, requires_grad=True)  # learnable: its grad is timed
         if provider == "ours":
             return lambda a, b, s: sigmoid_loss(a, b, s, t)
         if provider == "torch":
@@ -95,13 +103,23 @@ def _loss_fn(op, provider):
     return None
 
 
+def _wall_ms(fn, reps=3):
+    """Median wall-clock ms of fn over reps calls: the CPU's stand-in for do_bench."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
 def _measure(fn, N, D, dt):
-    """(fwd_ms, bwd_ms, total_ms, peak_mb): median times by do_bench, peak memory above the inputs."""
-    from triton.testing import do_bench
-    g = torch.Generator(device="cuda").manual_seed(0)
-    a = torch.nn.functional.normalize(torch.randn(N, D, device="cuda", generator=g), dim=-1).to(dt).requires_grad_()
-    b = torch.nn.functional.normalize(torch.randn(N, D, device="cuda", generator=g), dim=-1).to(dt).requires_grad_()
-    s = torch.tensor(scale, device="cuda", requires_grad=True)
+    """(fwd_ms, bwd_ms, total_ms, peak_mb): median times by do_bench, peak memory above the inputs
+    (on the CPU: wall-clock medians and no memory, "")."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.nn.functional.normalize(torch.randn(N, D, device=device, generator=g), dim=-1)
+            .to(dt).requires_grad_() for _ in range(2))
+    s = torch.tensor(scale, device=device, requires_grad=True)
 
     def fwd():
         return fn(a, b, s)
@@ -111,6 +129,11 @@ def _measure(fn, N, D, dt):
         fn(a, b, s).backward()
 
     both()  # compile / warm up; also fails early on OOM
+    if device == "cpu":
+        loss = fwd()
+        bwd_ms = _wall_ms(lambda: loss.backward(retain_graph=True))
+        return _wall_ms(fwd), bwd_ms, _wall_ms(both), ""
+    from triton.testing import do_bench
     torch.cuda.synchronize()
     a.grad = b.grad = s.grad = None
     base = torch.cuda.memory_allocated()
@@ -134,8 +157,9 @@ def _versions():
         except importlib.metadata.PackageNotFoundError:
             out[pkg] = "absent"
     try:
-        out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                       cwd=out_dir, check=True).stdout.strip()
+        here = os.path.dirname(os.path.abspath(__file__))
+        out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                       text=True, cwd=here, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         out["commit"] = "unknown"
     return out
@@ -151,7 +175,7 @@ def _write_markdown(rows, gpu, versions, path):
              "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".", "",
              f"Median ms by triton.testing.do_bench; memory is the peak above the inputs; TFLOP/s counts "
              f"8 N^2 D (contrastive) or 6 N^2 D (sigmoid, structure) for every provider; "
-             f"floor = that / {peak} TFLOP/s.",
+             + (f"floor = that / {peak} TFLOP/s." if peak else "floor: no peak rate known here."),
              "", "| op | provider | N | D | fwd ms | bwd ms | total ms | peak MB | TFLOP/s | floor |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -191,14 +215,28 @@ def _plot(rows, gpu, path):
     print(f"wrote {path}")
 
 
-def main(argv):
-    _override(argv)
+def _device_name():
+    """The GPU's name, or None (after saying why) when this run cannot go on."""
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before fused_losses is imported (_loss_fn)
+        return f"cpu ({os.cpu_count()} cores, Triton interpreter)"
     if not torch.cuda.is_available():
         print("bench/losses.py: no CUDA GPU on this machine, nothing to benchmark.")
+        return None
+    return torch.cuda.get_device_name()
+
+
+def main(argv):
+    _override(argv)
+    gpu = _device_name()
+    if gpu is None:
         return
-    gpu = torch.cuda.get_device_name()
     dt = getattr(torch, dtype)
     versions = _versions()
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, "losses.csv")
+    if os.path.exists(csv_path):
+        os.remove(csv_path)  # this run's rows only, each appended as it is measured
     rows = []
     for op in ops.split(","):
         for D in [int(x) for x in ds.split(",")]:
@@ -217,16 +255,12 @@ def main(argv):
                         row["fwd_ms"] = "out of memory"
                     except Exception as e:  # a provider that fails is a row, not the end of the sweep
                         row["fwd_ms"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
-                    torch.cuda.empty_cache()
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
                     rows.append(row)
+                    append_row(csv_path, {k: row[k] for k in COLUMNS})
                     print(", ".join(f"{k}={row[k]:.3f}" if isinstance(row[k], float) else f"{k}={row[k]}"
                                     for k in COLUMNS[:-1]), flush=True)
-    os.makedirs(out_dir, exist_ok=True)
-    csv_path = os.path.join(out_dir, "losses.csv")
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
     _write_markdown(rows, gpu, versions, os.path.join(out_dir, "losses.md"))
     _plot(rows, gpu, os.path.join(out_dir, "losses.png"))
     print(f"wrote {csv_path} and losses.md ({gpu}; " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ")")

@@ -44,6 +44,7 @@ from torch.utils._pytree import tree_leaves
 
 import model as M
 from configurator import configure
+from embedder import mean_pool
 
 GiB = 2 ** 30
 GPUS = 8
@@ -205,7 +206,7 @@ def llm2clip_stage1(cfg_name, llm_name, length):
     def step():  # B queries and B keys in one forward, as train_stage1.llm2clip_step
         ids = torch.zeros(2 * B, length, dtype=torch.long, device="meta")
         h = llm(ids, None)  # no padding (see the docstring)
-        emb = F.normalize(M.mean_pool(h, torch.ones(2 * B, length, device="meta")), dim=-1)
+        emb = F.normalize(mean_pool(h, torch.ones(2 * B, length, device="meta")), dim=-1)
         q, p = emb.split(B)
         keys = torch.cat([p] + [p.detach().new_empty(p.shape)] * (GPUS - 1))  # every rank's positives
         F.cross_entropy(c["simcse_scale"] * q @ keys.T, torch.zeros(B, dtype=torch.long, device="meta")).backward()
@@ -225,7 +226,7 @@ def cache_row(llm_name):
     def step():  # embed_texts' batch: forward, mean pool in fp32, normalise
         with torch.no_grad():
             ids = torch.zeros(B, T, dtype=torch.long, device="meta")
-            F.normalize(M.mean_pool(llm(ids, None), torch.ones(B, T, device="meta")), dim=-1)
+            F.normalize(mean_pool(llm(ids, None), torch.ones(B, T, device="meta")), dim=-1)
 
     peak, grads = measure(step, params, autocast=False)  # embed_cache runs the bf16 model as it is
     return row(f"embedding cache, {llm_name}", B, f"{B} captions x {T} tok", params, [], peak, grads,

@@ -5,16 +5,16 @@
 # demo's unseen language.
 # Attention: causal. Raw SmolLM2 with LLM2Vec's bidirectional mask but without LLM2Vec's MNTP training
 # embeds these captions with strong hubs (SimCSE loss far above chance before training); at this batch it
-# then collapses to chance and learns little (README, Numbers). With its own causal mask it starts at chance
+# then collapses to chance and learns little (docs/experiments.md). With its own causal mask it starts at chance
 # and learns (data/fashion/probe_stage1.py measures both). The paper's recipes keep "bidirectional".
 method = "llm2clip"
 manifest = "data/fashion/out/train.jsonl"
-model = "data/smollm2/hf_8layers"  # SmolLM2's first 8 of 30 layers (demo.sh makes it; README, Numbers: why)
+model = "data/smollm2/hf_8layers"  # SmolLM2's first 8 of 30 layers (demo.sh makes it; docs/experiments.md: why)
 out_dir = "out/stage1_llm2clip"
 attention = "causal"
 pairs = "short:long,long=de,short=short_de"
 batch_size = 16
-max_steps = 100                   # 60 taught German at some seeds only (README, Numbers)
+max_steps = 100                   # 60 taught German at some seeds only (docs/experiments.md)
 warmup_steps = 5
 lr = 2e-3                         # LoRA on a 135M model at batch 16: a high lr (the paper: 2e-4 at batch 2048)
 min_lr = 2e-4

@@ -4,7 +4,7 @@
 # single items' short captions (pretrain.jsonl), the kind the teacher's 10-token context reads whole (long
 # captions would be cut by it). Distilled on the stage-2 grids' short captions instead, the adaptor never sees
 # a single item's caption and maps the zero-shot prompts wrongly: the base ViT with it scored 12.2 zero-shot,
-# 29.2 with this one (its own text tower 31.3; seed 1337, README, Numbers). L_ins on two short captions per
+# 29.2 with this one (its own text tower 31.3; seed 1337, docs/experiments.md). L_ins on two short captions per
 # image. Sized for a 2-core CPU.
 method = "proclip"
 manifest = "data/fashion/out/pretrain.jsonl"

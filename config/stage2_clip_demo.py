@@ -1,4 +1,4 @@
-# The demo's base CLIP, from scratch (DESIGN.md section 9): a small ViT and a CLIP text tower with a
+# The demo's base CLIP, from scratch (docs/design.md, The demo data): a small ViT and a CLIP text tower with a
 # 10-token context, pretrained on the pretrain split: grids whose short captions name one item each (with
 # its colour and place), and single items. It plays the part of "pretrained CLIP": its ViT learns every
 # item of a grid, while its text tower cannot read a long caption past its opening sentence.

@@ -5,7 +5,7 @@
 # For 336 px: --clip=models/clip-vit-large-patch14-336 --out_dir=... and a stage 1 against that CLIP's text tower.
 # Provenance: [paper] the ProCLIP paper, [llm2clip] the LLM2CLIP stage-2 settings of
 # config/stage2_llm2clip_vitl14_224.py (ProCLIP's own recipe is not released: we compare the two methods
-# at the same settings, as DESIGN.md asks), [ours] our choice where the paper gives no value.
+# at the same settings, as docs/design.md asks), [ours] our choice where the paper gives no value.
 # Memory: as LLM2CLIP's 224 run plus the EMA teacher (about 32 GiB per GPU with activation checkpointing,
 # 168 GiB without; `python -m bench.memory`).
 method = "proclip"
@@ -18,7 +18,7 @@ fields = "short,long"        # [llm2clip]
 embed_dim = 0                # [paper] CLIP's own joint width (768): stage 1 regressed onto it
 ema_momentum = 0.999         # [ours] the paper gives none; half-life ~700 steps
 # [ours] the paper gives no lambda. Its terms are sums over the rank's batch (L_ins over B images,
-# L_struct over B^2/2 pairs): 0.01 at a rank batch of 128 (the demo's, see README) scaled by 128/512
+# L_struct over B^2/2 pairs): 0.01 at a rank batch of 128 (the demo's, see docs/design.md) scaled by 128/512
 # keeps L_ins's weight per image; L_struct then weighs 4x more per pair than in the demo. Tune it.
 distill_lambda = 0.0025
 struct_beta = 1.0            # [paper]

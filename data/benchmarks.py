@@ -11,7 +11,7 @@ The rules every converter keeps:
     1,000, ...) is counted and printed;
   * image paths in the manifest are absolute (the images stay where they were downloaded), so the
     manifest works from any folder;
-  * the manifest is written under a temporary name, passed through dataset.check_manifest, then
+  * the manifest is written under a temporary name, passed through manifest.Manifest.check, then
     renamed, so a killed or failed run never leaves a half-written <name>.
 """
 import json
@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # configurator.py and dataset.py
+sys.path.insert(0, str(ROOT))  # configurator.py and manifest.py
 
 MAX_LISTED = 20  # faults listed in full; the rest are counted
 
@@ -172,7 +172,7 @@ def blip_or_karpathy(path, images, field, karpathy_dir="", split="test"):
 
 
 def write_manifest(out, name, records, fields=None, label=False, decode=False):
-    """Write records as <out>/<name> (JSONL), passed through dataset.check_manifest before it appears.
+    """Write records as <out>/<name> (JSONL), passed through Manifest.check before it appears.
     The check runs on a copy in a private folder (<out>/.<name>.partial/), so whatever it leaves beside
     the manifest it checks stays there, and is deleted with it; then the file is renamed into place."""
     os.makedirs(out, exist_ok=True)
@@ -184,12 +184,12 @@ def write_manifest(out, name, records, fields=None, label=False, decode=False):
     with open(tmp, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    from dataset import check_manifest  # imports torch: only once the input is known to be good
+    from manifest import Manifest  # imports torch: only once the input is known to be good
     try:
-        check_manifest(tmp, fields=fields, decode=decode, label=label)
+        Manifest(tmp).check(fields=fields, label=label, decode=decode)
     except ValueError as e:
         shutil.rmtree(work)
-        sys.exit(f"the converted manifest fails dataset.check_manifest, nothing written:\n{e}")
+        sys.exit(f"the converted manifest fails Manifest.check, nothing written:\n{e}")
     os.replace(tmp, final)
     shutil.rmtree(work)
     return final

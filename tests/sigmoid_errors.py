@@ -1,5 +1,5 @@
 """Print the sigmoid kernel's largest errors against fp64 over test_sigmoid.py's cases, ours / PyTorch's in
-the same dtype (the numbers the README quotes; the test asserts the accuracy rule and prints nothing).
+the same dtype (the numbers docs/verification.md quotes; the test asserts the accuracy rule and prints nothing).
 Run from the repository root: python tests/sigmoid_errors.py (interpreter on CPU, about 20 s of CPU time)."""
 import os
 import sys

@@ -19,13 +19,17 @@ import torch.nn.functional as F
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import embedder as EM  # noqa: E402
 import evaluate as E  # noqa: E402
 import model as M  # noqa: E402
 from configurator import is_setting  # noqa: E402
-from dataset import eval_transform  # noqa: E402
+from images import eval_transform  # noqa: E402
 from test_converters import blip_coco, blip_flickr, convert, docci, sharegpt4v, urban1k, val_map, xm3600  # noqa: E402
 from test_evaluate import brute_force_recall, tiny_stage2  # noqa: E402
 from tiny import WORDS, run_script, tiny_clip, tiny_llm  # noqa: E402
+from train_common import write_json  # noqa: E402
+
+pytestmark = pytest.mark.slow  # converters and evaluation runs
 
 SETS = ("flickr30k", "coco", "sharegpt4v", "urban1k", "docci", "xm3600", "imagenet")
 URBAN = ["A busy street with a red bus.", "A quiet square at night.\n", "Two cyclists on a bridge.", "A market."]
@@ -48,7 +52,7 @@ def sets(tmp_path_factory):
     for file, n in (("classes.json", N_TEMPLATES), ("classes_single.json", 1)):
         spec = json.load(open(d / "eval/imagenet" / file))
         assert len(spec["classes"]) == 1000 and len(spec["templates"]) == (80 if n > 1 else 1)
-        M.write_json(str(d / "eval/imagenet" / file), {**spec, "classes": list(CLASS_WORDS),
+        write_json(str(d / "eval/imagenet" / file), {**spec, "classes": list(CLASS_WORDS),
                                                        "templates": spec["templates"][:n]})
     out["llm"], out["clip"] = tiny_llm(d / "llm"), tiny_clip(d / "clip")
     out["stage2"] = tiny_stage2(d / "stage2", out["clip"], out["llm"])
@@ -205,7 +209,7 @@ def check_calls(calls, want):
         assert any(set(call) <= set(c) for c in want.values()), call[:3]
 
 def test_stage2_llm_embeds_each_benchmarks_captions_once(sets, tmp_path, monkeypatch):
-    calls, depth, embed = [], [0], M.embed_texts
+    calls, depth, embed = [], [0], EM.embed_texts
     def recording(llm, tok, texts, *args, **kw):  # outer calls only (embed_texts recurses on distinct texts)
         if not depth[0]:
             calls.append(list(texts))
@@ -214,7 +218,7 @@ def test_stage2_llm_embeds_each_benchmarks_captions_once(sets, tmp_path, monkeyp
             return embed(llm, tok, texts, *args, **kw)
         finally:
             depth[0] -= 1
-    monkeypatch.setattr(M, "embed_texts", recording)
+    monkeypatch.setattr(EM, "embed_texts", recording)
     evaluate_here(tmp_path / "s2.json", model=sets["stage2"], benchmarks=bench_setting(sets), caches=sets["caches"])
     want = expected_texts(sets, cached=("flickr30k", "urban1k"))
     check_calls(calls, want)  # (flickr30k's and urban1k's captions come from their caches: not at all)

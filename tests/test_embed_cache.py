@@ -17,9 +17,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import embed_cache  # noqa: E402
+import embedder as EM  # noqa: E402
 import model as M  # noqa: E402
-from dataset import Manifest  # noqa: E402
+from manifest import Manifest  # noqa: E402
 from tiny import WORDS, tiny_llm, write_manifest  # noqa: E402
+
+pytestmark = pytest.mark.slow  # cache runs in subprocesses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,12 +65,12 @@ def test_rows_are_the_models_embeddings(setup, reference):
         cache = embed_cache.open_cache(str(reference), field, llm, man)
         assert cache.dtype == np.float16 and cache.shape == (len(texts), 32)
         # one caption at a time, nothing padded: the cache must hold the same vector, up to float16
-        ids, n_prefix = M.tokenize_for_embedding(tok, texts[:5], "retrieve a similar caption")
+        ids, n_prefix = EM.tokenize_for_embedding(tok, texts[:5], "retrieve a similar caption")
         for r in range(5):
             x = torch.tensor([ids[r]])
             with torch.no_grad():
                 h = model(x)
-            want = torch.nn.functional.normalize(M.mean_pool(h, M.skip_instruction(torch.ones_like(x), [n_prefix[r]])), dim=-1)[0]
+            want = torch.nn.functional.normalize(EM.mean_pool(h, EM.skip_instruction(torch.ones_like(x), [n_prefix[r]])), dim=-1)[0]
             np.testing.assert_allclose(cache[r].astype(np.float32), want.numpy(), atol=1e-3)  # fp16 rounding
         np.testing.assert_allclose(np.linalg.norm(cache.astype(np.float32), axis=1), 1.0, atol=2e-3)
 

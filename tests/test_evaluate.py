@@ -19,13 +19,17 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
+import embedder as EM
 import model as M
 from chat_tokenizers import chatml_tokenizer
-from dataset import Manifest, eval_transform
-from embed_cache import model_fingerprint
+from images import eval_transform
+from manifest import Manifest
 from evaluate import (c2c_top1, distinct_captions, model_kind, read_classes, retrieval_recall, zeroshot_accuracy,
                       zeroshot_classifier)
 from tiny import ROOT, WORDS, run_script, tiny_clip, tiny_llm, write_images
+from train_common import model_fingerprint, write_json
+
+pytestmark = pytest.mark.slow  # evaluation runs
 
 
 # -----------------------------------------------------------------------------
@@ -229,10 +233,10 @@ def tiny_stage2(folder, clip, llm, method="llm2clip", seed=0, template=""):
     vit = M.ViT.from_pretrained(clip)
     sd = {k: v.contiguous() for k, v in vit.state_dict().items()}
     save_file({**sd, "logit_scale": torch.tensor(math.log(100.0))}, os.path.join(folder, "model.safetensors"))
-    M.write_json(os.path.join(folder, "config.json"), {**vars(vit.config), "model_type": "clip_vision_model"})
+    write_json(os.path.join(folder, "config.json"), {**vars(vit.config), "model_type": "clip_vision_model"})
     torch.manual_seed(seed)
     M.Adaptor.for_method(method, M.Llama.from_pretrained(llm).config.hidden_size, vit.config.projection_dim).save_pretrained(folder)
-    M.write_json(os.path.join(folder, "text.json"), dict(llm=llm, llm_sha256=model_fingerprint(llm), instruction="",
+    write_json(os.path.join(folder, "text.json"), dict(llm=llm, llm_sha256=model_fingerprint(llm), instruction="",
                                                            max_length=512, template=template, method=method))
     return str(folder)
 
@@ -297,7 +301,7 @@ def test_stage2_numbers_match_an_independent_computation(tiny):
     with torch.no_grad():
         pixels = torch.stack([eval_transform(Image.open(tiny["dir"] / r["image"]), 16) for r in records])
         img = F.normalize(vit(pixels), dim=-1)
-        text = lambda texts: F.normalize(adaptor(M.embed_texts(llm, tok, texts)), dim=-1)
+        text = lambda texts: F.normalize(adaptor(EM.embed_texts(llm, tok, texts)), dim=-1)
         for field in ("short", "long"):
             owners = {}
             for i, r in enumerate(records):
@@ -324,7 +328,7 @@ def test_stage2_numbers_match_an_independent_computation(tiny):
         assert res2["multilingual_unseen_i2t_r1"] == res2["de_i2t_r1"] == res["de_i2t_r1"]
         longs = [t for r in records for t in r["captions"]["long"]]
         group = [i for i, r in enumerate(records) for _ in r["captions"]["long"]]
-        e = M.embed_texts(llm, tok, longs)
+        e = EM.embed_texts(llm, tok, longs)
         assert res["c2c_llm_top1"] == pytest.approx(brute_force_c2c(e, e, group), abs=1e-6)
         j = F.normalize(adaptor(e), dim=-1)
         assert res["c2c_top1"] == pytest.approx(brute_force_c2c(j, j, group), abs=1e-6)
@@ -342,10 +346,11 @@ def test_refusals(tiny):
     assert r.returncode != 0 and f"{tiny['dir'] / 'other_cache'}/meta.json: made by another model" in r.stderr, r.stderr[-2000:]
     shutil.copytree(tiny["cache"], tiny["dir"] / "instructed_cache")  # as if made with an instruction
     meta = json.load(open(tiny["dir"] / "instructed_cache" / "meta.json"))
-    M.write_json(str(tiny["dir"] / "instructed_cache" / "meta.json"), {**meta, "instruction": "find it"})
+    write_json(str(tiny["dir"] / "instructed_cache" / "meta.json"), {**meta, "instruction": "find it"})
     r = evaluate(tiny, "x", check=False, model=tiny["stage2"], cache=tiny["dir"] / "instructed_cache")
-    assert r.returncode != 0 and "embedded with instruction 'find it', but" in r.stderr and \
-        "embeddings with instruction ''" in r.stderr, r.stderr[-2000:]
+    assert r.returncode != 0 and f"{tiny['dir'] / 'instructed_cache'}/meta.json (how the cache was embedded) has " \
+        f"instruction 'find it', but {tiny['stage2']}/text.json (how the adaptor's training embeddings were made) " \
+        f"has instruction ''" in r.stderr, r.stderr[-2000:]
     r = evaluate(tiny, "x", check=False, model=tiny["stage2"], llm=other)  # the LLM is not the one of text.json
     assert r.returncode != 0 and f"{other}: not the LLM {tiny['stage2']} was trained with" in r.stderr, r.stderr[-2000:]
     bad = tiny["dir"] / "bad_classes.json"
@@ -395,7 +400,7 @@ def test_cache_records_the_resolved_template(tiny, chat):
     assert r.returncode != 0 and "an existing cache made with other template" in r.stderr, r.stderr[-2000:]
     old = chat["dir"] / "cache_old"  # a meta.json from before templates: no key, which reads as no wrap
     shutil.copytree(chat["caches"]["none"], old)
-    M.write_json(str(old / "meta.json"), {k: v for k, v in meta["none"].items() if k != "template"})
+    write_json(str(old / "meta.json"), {k: v for k, v in meta["none"].items() if k != "template"})
     assert "complete already" in cache_run(tiny, chat, old, template="none").stdout
     r = cache_run(tiny, chat, old, check=False, template="auto")
     assert r.returncode != 0 and "an existing cache made with other template" in r.stderr, r.stderr[-2000:]
@@ -403,11 +408,12 @@ def test_cache_records_the_resolved_template(tiny, chat):
 REFERENCE = """import sys
 sys.path.insert(0, {root!r})
 import numpy as np, torch
+import embedder as EM
 import model as M
-from dataset import Manifest
+from manifest import Manifest
 llm, tok, man = M.Llama.from_pretrained({llm!r}).eval(), M.load_tokenizer({llm!r}), Manifest({manifest!r})
 for f in man.fields:  # the call embed_cache.py made before templates existed (one chunk per field here)
-    np.save({out!r} + "/" + f + ".npy", M.embed_texts(llm, tok, man.texts(f), "", 512, 4).to(torch.float16).numpy())
+    np.save({out!r} + "/" + f + ".npy", EM.embed_texts(llm, tok, man.texts(f), "", 512, 4).to(torch.float16).numpy())
 """
 
 def test_template_none_writes_the_bytes_of_before(tiny, chat, tmp_path):
@@ -430,11 +436,13 @@ def test_stage2_template_from_text_json_must_match_the_cache(tiny, chat):
     assert np.abs(e - np.load(os.path.join(chat["caches"]["none"], "long.npy")).astype(np.float32)).max() > 1e-2
     text.check_cache(chat["caches"]["auto"])
     r = evaluate(tiny, "x", check=False, model=s2, cache=chat["caches"]["none"])
-    assert r.returncode != 0 and f"embedded with template '', but {s2} was trained on embeddings with template " \
-        f"{CHATML!r}" in r.stderr, r.stderr[-2000:]
+    assert r.returncode != 0 and f"{chat['caches']['none']}/meta.json (how the cache was embedded) has template '', " \
+        f"but {s2}/text.json (how the adaptor's training embeddings were made) has template {CHATML!r}" in r.stderr, \
+        r.stderr[-2000:]
     plain = tiny_stage2(chat["dir"] / "stage2_plain", tiny["clip"], chat["llm"])  # text.json without a template
     r = evaluate(tiny, "x", check=False, model=plain, cache=chat["caches"]["auto"])
-    assert r.returncode != 0 and f"embedded with template {CHATML!r}, but" in r.stderr, r.stderr[-2000:]
+    assert r.returncode != 0 and f"(how the cache was embedded) has template {CHATML!r}, but" in r.stderr, \
+        r.stderr[-2000:]
 
 def test_stage2_training_carries_the_caches_template(tiny, chat, tmp_path):
     run("train_stage2.py", method="llm2clip", manifest=tiny["manifest"], clip=tiny["clip"], llm=chat["llm"],
@@ -455,19 +463,19 @@ def test_llm_mode_wraps_the_c2c_captions(tiny, chat):
     group = [i for i, r in enumerate(records) for _ in r["captions"]["long"]]
     instruction = auto["config"]["instruction"]
     for res, tmpl in ((auto, CHATML), (none, "")):
-        q, g = M.embed_texts(llm, tok, texts, instruction, template=tmpl), M.embed_texts(llm, tok, texts, template=tmpl)
+        q, g = EM.embed_texts(llm, tok, texts, instruction, template=tmpl), EM.embed_texts(llm, tok, texts, template=tmpl)
         assert res["results"]["c2c_top1_long"] == pytest.approx(brute_force_c2c(q, g, group), abs=1e-6)
 
 def test_stage1_wraps_queries_and_keys(tiny, chat, monkeypatch):
     import train_stage1 as S1
-    calls, tokenize = [], M.tokenize_for_embedding
+    calls, tokenize = [], EM.tokenize_for_embedding
     def recording(tok, texts, instruction="", max_length=512, template=""):
         calls.append((instruction, template))
         return tokenize(tok, texts, instruction, max_length, template)
-    monkeypatch.setattr(M, "tokenize_for_embedding", recording)
+    monkeypatch.setattr(EM, "tokenize_for_embedding", recording)
     llm, tok = M.Llama.from_pretrained(chat["llm"]), M.load_tokenizer(chat["llm"])
     records = [json.loads(line) for line in open(tiny["manifest"])]
-    loss = S1.llm2clip_step(llm, tok, M.caption_template(tok, S1.template), records, list(range(4)),
+    loss = S1.llm2clip_step(llm, tok, EM.caption_template(tok, S1.template), records, list(range(4)),
                             np.random.default_rng(0), slice(0, 4), "cpu")
     assert calls == [(S1.instruction, CHATML), ("", CHATML)] and torch.isfinite(loss)
 
@@ -484,13 +492,14 @@ def test_causal_attention_from_stage1_to_evaluation(tiny, chat, tmp_path):
         max_length=512, pooling="mean")
     # embedding it otherwise than stage 1 trained it is refused, naming the file and the setting
     r = run("embed_cache.py", check=False, model=merged, manifest=tiny["manifest"], out_dir=tmp_path / "c_bi", batch_size=4)
-    assert r.returncode != 0 and f"{merged}/embedder.json: stage 1 trained this LLM with attention 'causal', but " \
-        f"this run embeds with 'bidirectional'; set attention='causal'" in r.stderr, r.stderr[-2000:]
+    assert r.returncode != 0 and f"this run has attention 'bidirectional', but {merged}/embedder.json (how stage 1 " \
+        f"trained this LLM) has attention 'causal'; set attention='causal'" in r.stderr, r.stderr[-2000:]
     r = run("embed_cache.py", check=False, model=merged, manifest=tiny["manifest"], out_dir=tmp_path / "c_none",
             batch_size=4, attention="causal", template="none")
-    assert r.returncode != 0 and "stage 1 trained this LLM with template" in r.stderr, r.stderr[-2000:]
+    assert r.returncode != 0 and f"{merged}/embedder.json (how stage 1 trained this LLM) has template" in r.stderr, \
+        r.stderr[-2000:]
     r = evaluate(tiny, "x", check=False, model=merged, cupl="")
-    assert r.returncode != 0 and "stage 1 trained this LLM with attention 'causal'" in r.stderr, r.stderr[-2000:]
+    assert r.returncode != 0 and "(how stage 1 trained this LLM) has attention 'causal'" in r.stderr, r.stderr[-2000:]
     # the cache records it, and its rows are those of the causal model (not of the bidirectional one)
     cache = tmp_path / "c"
     run("embed_cache.py", model=merged, manifest=tiny["manifest"], out_dir=cache, batch_size=4, attention="causal")
@@ -498,7 +507,7 @@ def test_causal_attention_from_stage1_to_evaluation(tiny, chat, tmp_path):
     texts, tok = Manifest(tiny["manifest"]).texts("long"), M.load_tokenizer(merged)
     rows = np.load(cache / "long.npy").astype(np.float32)
     for causal, close in ((True, True), (False, False)):
-        e = M.embed_texts(M.Llama.from_pretrained(merged, causal=causal).eval(), tok, texts, template=CHATML).numpy()
+        e = EM.embed_texts(M.Llama.from_pretrained(merged, causal=causal).eval(), tok, texts, template=CHATML).numpy()
         assert (np.abs(rows - e).max() < 2e-3) == close
     # stage 2 carries it into text.json; its LLM path embeds causally; a bidirectional cache is refused
     run("train_stage2.py", method="llm2clip", manifest=tiny["manifest"], clip=tiny["clip"], llm=merged, cache=cache,
@@ -510,8 +519,10 @@ def test_causal_attention_from_stage1_to_evaluation(tiny, chat, tmp_path):
     bi = tmp_path / "c_bi_meta"  # a cache that says bidirectional (otherwise the same)
     shutil.copytree(cache, bi)
     meta = json.load(open(bi / "meta.json"))
-    M.write_json(str(bi / "meta.json"), {k: v for k, v in meta.items() if k != "attention"})  # older: bidirectional
+    # a meta.json from before attention was recorded: read_spec reads it as bidirectional
+    write_json(str(bi / "meta.json"), {k: v for k, v in meta.items() if k != "attention"})
     r = evaluate(tiny, "x", check=False, model=s2, cache=bi)
-    assert r.returncode != 0 and "embedded with attention 'bidirectional', but" in r.stderr, r.stderr[-2000:]
+    assert r.returncode != 0 and "(how the cache was embedded) has attention 'bidirectional', but" in r.stderr, \
+        r.stderr[-2000:]
     res, _ = evaluate(tiny, "causal_stage2", model=s2, cache=cache)
     assert "long_i2t_r1" in res["results"] and res["attention"] == "causal"

@@ -20,6 +20,8 @@ from PIL import Image
 
 from tiny import ROOT, run_script, tiny_clip, tiny_llm, write_images, write_manifest
 
+pytestmark = pytest.mark.slow  # subprocess runs of every script
+
 N = 16
 TABLE = []  # (fault, command, first line of the message), in the order run
 
@@ -167,7 +169,8 @@ def test_over_long_caption_is_counted_and_reported(B):
 def test_sixteen_bit_grey_png_keeps_its_range(B):
     """A 16-bit grey ramp (0..65535) through the training/evaluation dataset spans black to white (Pillow's
     convert("RGB") would clip it to nearly all white)."""
-    from dataset import CLIP_MEAN, CLIP_STD, ImageDataset, Manifest
+    from images import CLIP_MEAN, CLIP_STD, ImageDataset
+    from manifest import Manifest
     folder = B.d / "grey16"
     folder.mkdir()
     ramp = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (32, 1))
@@ -375,7 +378,7 @@ def test_input_fingerprints_follow_content_not_path(B):
     """run_identity's inputs: a copy elsewhere has the same fingerprint, a change of content another one,
     for each kind (manifest, cache, HF model folder, adaptor folder, tokenizer)."""
     import model as M
-    from dataset import Manifest
+    from manifest import Manifest
     from train_common import input_fingerprint as fp
     d = B.d / "fp"
     d.mkdir()

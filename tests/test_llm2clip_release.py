@@ -19,8 +19,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import transformers  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+import embedder as EM  # noqa: E402
 import model as M  # noqa: E402
 from chat_tokenizers import llama3_tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.slow  # a release-shaped LLM end to end
 
 ROPE = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
             original_max_position_embeddings=8192)
@@ -104,10 +107,10 @@ def test_tokenizer_offline_and_embed_texts_with_the_llama3_wrap(release):
     path, hf = release
     tok = M.load_tokenizer(path)
     assert tok.pad_token is None
-    assert M.caption_template(tok, "auto") == "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+    assert EM.caption_template(tok, "auto") == "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
     llm = M.Llama.from_pretrained(path).eval()
     texts = ["A red shirt on the left of a small blue bag.", "boot", "The large white coat, with black boots!"]
-    got = M.embed_texts(llm, tok, texts, batch_size=2, template="auto")
+    got = EM.embed_texts(llm, tok, texts, batch_size=2, template="auto")
     for i, t in enumerate(texts):
         ids = torch.tensor([tok("<|start_header_id|>user<|end_header_id|>\n\n" + t + "<|eot_id|>")["input_ids"]])
         k = len(tok(t + "<|eot_id|>", add_special_tokens=False)["input_ids"])  # LLM2Vec's embed mask

@@ -11,7 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import transformers  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+import embedder as EM  # noqa: E402
 import model as M  # noqa: E402
+from train_common import atomic_write, recover  # noqa: E402
 
 ATOL = RTOL = 1e-5
 
@@ -229,12 +231,12 @@ def test_padding_side_does_not_change_embeddings(llama_folder):
     ours = M.Llama.from_pretrained(path).eval()
     alone = torch.tensor([[5, 17, 33, 8, 91, 2]])
     with torch.no_grad():
-        ref = M.mean_pool(ours(alone), torch.ones_like(alone))[0]
+        ref = EM.mean_pool(ours(alone), torch.ones_like(alone))[0]
         for side in ("right", "left"):
             ids, mask = padded_batch(lengths=(3, 6, 11), side=side)
             row = mask[1].bool()
             ids[1, row] = alone[0]
-            emb = M.mean_pool(ours(ids, mask), mask)[1]
+            emb = EM.mean_pool(ours(ids, mask), mask)[1]
             close(emb, ref, f"caption alone vs {side}-padded batch")
 
 def test_skip_instruction_pools_caption_tokens_only(llama_folder):
@@ -245,7 +247,7 @@ def test_skip_instruction_pools_caption_tokens_only(llama_folder):
         ids, mask = padded_batch(side=side)
         with torch.no_grad():
             h = ours(ids, mask)
-        pooled = M.mean_pool(h, M.skip_instruction(mask, n_instr))
+        pooled = EM.mean_pool(h, EM.skip_instruction(mask, n_instr))
         for i in range(len(n_instr)):
             real = mask[i].nonzero().flatten()
             want = h[i, real[n_instr[i]:]].mean(0)
@@ -258,7 +260,7 @@ def test_grad_checkpointing_same_gradients(llama_folder):
     for ckpt in (False, True):
         m = M.Llama.from_pretrained(path).train()
         m.grad_checkpointing = ckpt
-        M.mean_pool(m(ids, mask), mask).square().sum().backward()
+        EM.mean_pool(m(ids, mask), mask).square().sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
     torch.testing.assert_close(grads[1], grads[0], atol=0, rtol=0)
 
@@ -433,9 +435,9 @@ def test_adaptor_normalises_its_input():
 
 def test_atomic_write_recovers_from_a_kill_between_renames(tmp_path):
     path = str(tmp_path / "ckpt")
-    M.atomic_write(path, lambda tmp: os.makedirs(tmp) or open(os.path.join(tmp, "a"), "w").write("1"))
-    M.atomic_write(path, lambda tmp: os.makedirs(tmp) or open(os.path.join(tmp, "a"), "w").write("2"))
+    atomic_write(path, lambda tmp: os.makedirs(tmp) or open(os.path.join(tmp, "a"), "w").write("1"))
+    atomic_write(path, lambda tmp: os.makedirs(tmp) or open(os.path.join(tmp, "a"), "w").write("2"))
     assert open(os.path.join(path, "a")).read() == "2" and not os.path.exists(path + ".old")
     os.replace(path, path + ".old")  # what a kill right after the first rename leaves
-    M.recover(path)
+    recover(path)
     assert open(os.path.join(path, "a")).read() == "2"

@@ -33,7 +33,7 @@ def project_names():
 
 def test_project_names_are_found():
     names = project_names()
-    for expected in ("model", "dataset", "evaluate", "data", "tests", "fused_losses", "tiny"):
+    for expected in ("model", "manifest", "images", "evaluate", "data", "tests", "fused_losses", "tiny"):
         assert expected in names, expected
 
 

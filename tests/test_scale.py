@@ -20,7 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-import dataset as D
+import manifest
+from images import ImageDataset
+from manifest import Manifest
 from tiny import ROOT, WORDS, run_script, tiny_clip, tiny_llm
 from train_common import global_batch, permute
 
@@ -92,9 +94,9 @@ def arrays(index):
 
 def test_parallel_index_equals_one_process(folder, monkeypatch):
     path = write(folder / "m.jsonl", 3000)
-    one = D.build_index(str(path), str(folder / "one"), workers=1)
-    monkeypatch.setattr(D, "CHUNK_BYTES", 4096)  # ~70 byte ranges, lines cut at every boundary
-    par = D.build_index(str(path), str(folder / "par"), workers=2)
+    one = manifest.build_index(str(path), str(folder / "one"), workers=1)
+    monkeypatch.setattr(manifest, "CHUNK_BYTES", 4096)  # ~70 byte ranges, lines cut at every boundary
+    par = manifest.build_index(str(path), str(folder / "par"), workers=2)
     assert par["workers"] == 2 and one["workers"] == 1
     for k in ("lines", "fields", "labels", "faults", "duplicates", "valid"):
         assert par[k] == one[k], k
@@ -113,38 +115,38 @@ def test_parallel_index_equals_one_process(folder, monkeypatch):
 
 def test_fingerprint_follows_captions_only(folder, monkeypatch):
     path = write(folder / "m.jsonl", 500)
-    fp = D.Manifest(path).meta["fields"]
+    fp = Manifest(path).meta["fields"]
     lines = path.read_text().splitlines()
     moved = folder / "moved.jsonl"  # other image paths and labels, same captions: the cache stays valid
     moved.write_text("".join(json.dumps({**json.loads(x), "image": f"elsewhere/{i}.png", "label": 1}) + "\n"
                              for i, x in enumerate(lines)))
-    monkeypatch.setattr(D, "CHUNK_BYTES", 2048)
-    fm = D.Manifest(moved).meta["fields"]
+    monkeypatch.setattr(manifest, "CHUNK_BYTES", 2048)
+    fm = Manifest(moved).meta["fields"]
     assert all(fm[f]["fingerprint"] == fp[f]["fingerprint"] for f in fp)
     rec = json.loads(lines[250])
     rec["captions"]["long"] = rec["captions"]["long"][::-1]  # two captions swapped
     swapped = folder / "swapped.jsonl"
     swapped.write_text("\n".join(lines[:250] + [json.dumps(rec)] + lines[251:]) + "\n")
-    fs = D.Manifest(swapped).meta["fields"]
+    fs = Manifest(swapped).meta["fields"]
     assert fs["long"]["fingerprint"] != fp["long"]["fingerprint"] and fs["short"]["fingerprint"] == fp["short"]["fingerprint"]
 
 
 def test_stale_index_is_rebuilt_never_used(folder, capsys):
     path = write(folder / "m.jsonl", 50)
-    D.Manifest(path)
+    Manifest(path)
     assert "indexing into" in capsys.readouterr().err
-    D.Manifest(path)
+    Manifest(path)
     assert capsys.readouterr().err == ""  # fresh: used as is
     text = path.read_text()
     path.write_text(text + text.splitlines()[0] + "\n")  # one line more
-    man = D.Manifest(path)
+    man = Manifest(path)
     assert "(the manifest changed (size or modification time))" in capsys.readouterr().err and len(man) == 51
     # same size, same mtime, other bytes (a caption edited in place): the content sample catches it
     st = os.stat(path)
     path.write_text(path.read_text().replace("shirt", "dress", 1))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert os.path.getsize(path) == st.st_size
-    D.Manifest(path)
+    Manifest(path)
     assert "(the manifest's content changed)" in capsys.readouterr().err
 
 
@@ -154,12 +156,12 @@ def test_index_dir_for_read_only_manifests(folder):
     path = write(folder / "m.jsonl", 20)
     (folder / "a_file").write_text("")
     with pytest.raises(OSError, match=rf"{path}: cannot write its index {folder / 'a_file'}/m.jsonl-.*set index_dir"):
-        D.Manifest(path, index_dir=str(folder / "a_file"))
+        Manifest(path, index_dir=str(folder / "a_file"))
     os.chmod(folder, 0o555)
     try:
         if not os.access(folder, os.W_OK):
             with pytest.raises(OSError, match=rf"{path}: cannot write its index .* set index_dir"):
-                D.Manifest(path)
+                Manifest(path)
     finally:
         os.chmod(folder, 0o755)
 
@@ -167,7 +169,7 @@ def test_index_dir_for_read_only_manifests(folder):
 def test_index_dir_override(folder, tmp_path_factory):
     path = write(folder / "m.jsonl", 20)
     elsewhere = tmp_path_factory.mktemp("indexes")
-    man = D.Manifest(path, index_dir=str(elsewhere))
+    man = Manifest(path, index_dir=str(elsewhere))
     assert man.index.startswith(str(elsewhere)) and os.path.isfile(os.path.join(man.index, "meta.json"))
     assert not os.path.exists(str(path) + ".index") and len(man) == 20
 
@@ -177,8 +179,8 @@ def test_nothing_per_image_in_python(folder):
     and at 20,000 images: arrays are memory maps, records are read on demand."""
     sizes = []
     for n in (100, 20000):
-        man = D.Manifest(write(folder / f"m{n}.jsonl", n))
-        ds = D.ImageDataset(man, size=8, train=True)
+        man = Manifest(write(folder / f"m{n}.jsonl", n))
+        ds = ImageDataset(man, size=8, train=True)
         assert ds[n - 1][0].shape == (3, 8, 8) and man[n - 1]["label"] == (n - 1) % 7
         sizes.append((len(pickle.dumps(man)), len(pickle.dumps(ds))))
     assert sizes[0][0] < 4000 and sizes[1][0] < sizes[0][0] + 100 and sizes[1][1] < sizes[0][1] + 100, sizes
@@ -191,13 +193,13 @@ def test_faults_found_at_index_time_in_parallel(folder, monkeypatch):
     lines[10] = lines[10].replace('"label": 3', '"label": "3"')
     lines[390] = lines[390][:-5]
     path.write_text("\n".join(lines) + "\n")
-    monkeypatch.setattr(D, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(manifest, "CHUNK_BYTES", 1000)
     with pytest.raises(ValueError) as e:
-        D.read_manifest(path)
+        Manifest(path).check(images="ignore")
     msg = str(e.value).splitlines()
     assert msg[0] == f"{path}: 2 fault(s) on 2 of 400 lines:"
     assert msg[1] == "  line 11: 'label' must be an int, got '3'" and msg[2].startswith("  line 391: malformed JSON")
-    assert not D.Manifest(path).meta["valid"]  # the verdict is kept: a second start reads it, no rescan
+    assert not Manifest(path).meta["valid"]  # the verdict is kept: a second start reads it, no rescan
 
 # -----------------------------------------------------------------------------
 # tar shards
@@ -234,6 +236,7 @@ def prepare(**kw):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_prepare_shards_with_sidecars(tmp_path):
     keys = write_shards(tmp_path / "shards")
     # three sidecar styles, each covering some images: JSONL by key, DreamLIP CSV by url, ShareGPT4V by file stem
@@ -266,18 +269,19 @@ def test_prepare_shards_with_sidecars(tmp_path):
         os.remove(str(out) + ".skipped.jsonl")
     r = prepare(shards=tmp_path / "shards", out=out, workers=1)  # no sidecar: every image, alt-text only
     assert r.returncode == 0 and "wrote" in r.stdout and os.path.isdir(str(out) + ".index"), r.stderr[-2000:]
-    man = D.Manifest(out).require(fields=["short"])
+    man = Manifest(out).check(fields=["short"])
     assert len(man) == 15 and man[7]["image"] == "../shards/00001.tar/000010002.jpg"
     for i in (0, 7, 14):  # the member read in place is the bytes that were written
         img, name = man.open_image(i)
         key = keys[i]
         assert np.array_equal(np.asarray(img), np.asarray(Image.open(io.BytesIO(jpeg(int(key[:5]) * 100 + int(key[5:]))))))
         assert name == f"{tmp_path / 'data' / '..' / 'shards' / (key[:5] + '.tar')} member {key}.jpg"
-    ds = D.ImageDataset(man, size=16, train=True, seed=1)
+    ds = ImageDataset(man, size=16, train=True, seed=1)
     assert ds[3][0].shape == (3, 16, 16)
     assert prepare(shards=tmp_path / "shards", out=out).stdout.endswith("nothing to do (delete it to prepare again)\n")
 
 
+@pytest.mark.slow
 def test_damaged_shards(tmp_path):
     keys = write_shards(tmp_path / "shards")
     out = tmp_path / "train.jsonl"
@@ -285,23 +289,23 @@ def test_damaged_shards(tmp_path):
     shard = tmp_path / "shards" / "00001.tar"
     data = shard.read_bytes()
     # a member's bytes corrupted in place (same size): the index still finds it, decoding names shard and member
-    man = D.Manifest(out)
+    man = Manifest(out)
     i = keys.index("000010002")
-    off, size = int(man._array("member_offset")[i]), int(man._array("member_size")[i])
+    _, off, size = man._array("member")[i].item()
     shard.write_bytes(data[:off] + b"\0" * size + data[off + size:])
-    man = D.Manifest(out)  # the shard changed: re-indexed
+    man = Manifest(out)  # the shard changed: re-indexed
     with pytest.raises(ValueError, match=rf"{out}:{i + 1}: cannot read image .*00001.tar member 000010002.jpg"):
-        D.ImageDataset(man, size=8)[i]
+        ImageDataset(man, size=8)[i]
     with pytest.raises(ValueError, match=rf"line {i + 1}: cannot decode image .*00001.tar member 000010002.jpg"):
-        D.check_manifest(out)
+        Manifest(out).check(decode=True)
     # truncated in the middle of a member: the index names the shard and every member it lost
     shard.write_bytes(data[:off + size // 2])
     with pytest.raises(ValueError) as e:
-        D.Manifest(out).require()
+        Manifest(out).check()
     msg = str(e.value)
     assert f"{out}: 3 fault(s) on 3 of 15 lines:" in msg and \
         f"line {i + 1}: no member '000010002.jpg' in shard {shard} (truncated: member 000010002.jpg needs bytes up to" in msg, msg
-    ds = D.ImageDataset(D.Manifest(out).require(images="skip"), size=8, skip_bad=True)
+    ds = ImageDataset(Manifest(out).check(images="skip"), size=8, skip_bad=True)
     assert ds[i][1] == 10 and ds.n_skipped == 3  # lines 8, 9, 10 gone: replaced by line 11 (the next shard)
     # prepare on the damaged shard: stops naming it, or keeps what it can with skip_bad
     r = prepare(shards=tmp_path / "shards", out=tmp_path / "again.jsonl")
@@ -315,6 +319,7 @@ def test_damaged_shards(tmp_path):
     assert len(open(tmp_path / "again.jsonl").read().splitlines()) == 12
 
 
+@pytest.mark.slow
 def test_shards_through_cache_and_stage2(tmp_path):
     """Shards written with tarfile -> prepare.py -> embed_cache.py -> train_stage2.py (llm2clip, 2 ranks of
     work in one process) -> evaluate.py, all reading the images inside the shards."""

@@ -1,4 +1,4 @@
-"""data/fashion/seed_table.py: the README's demo tables from results.json files."""
+"""data/fashion/seed_table.py: the demo tables of the README and docs/experiments.md from results.json files."""
 import os
 import sys
 

@@ -15,6 +15,7 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import model as M  # noqa: E402
+from images import CLIP_MEAN, CLIP_STD, ImagePreprocess  # noqa: E402
 from test_model import _copy_folder, clip_config, close, randomize  # noqa: E402
 
 VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32,
@@ -146,8 +147,8 @@ def with_weights(src, dst):
     """A copy of the HF folder src (config and weights) to add a preprocessor_config.json to."""
     return _copy_folder(src, dst, load_file(os.path.join(src, "model.safetensors")))
 
-def apply(p: M.ImagePreprocess, img):
-    """What a trainer does with a tower's .preprocess (the reference dataset.py must match)."""
+def apply(p: ImagePreprocess, img):
+    """What a trainer does with a tower's .preprocess (the reference images.py must match)."""
     resample = Image.Resampling[p.resample.upper()]
     if p.resize == "square":
         img = img.resize((p.size, p.size), resample)
@@ -162,8 +163,8 @@ def apply(p: M.ImagePreprocess, img):
 
 def test_preprocess_defaults_without_processor_file(clip_model, siglip_model):
     clip, siglip = M.load_image_tower(clip_model[0]), M.load_image_tower(siglip_model[0])
-    assert clip.preprocess == M.ImagePreprocess("shortest_side_crop", 32, 32, "bicubic", M.CLIP_MEAN, M.CLIP_STD)
-    assert siglip.preprocess == M.ImagePreprocess("square", 32, 32, "bicubic", HALF, HALF)
+    assert clip.preprocess == ImagePreprocess("shortest_side_crop", 32, 32, "bicubic", CLIP_MEAN, CLIP_STD)
+    assert siglip.preprocess == ImagePreprocess("square", 32, 32, "bicubic", HALF, HALF)
     assert M.ViT(M.ViTConfig(image_size=64)).preprocess.crop_size == 64  # a tower built from scratch too
 
 def test_preprocess_read_from_hf_processor_files_and_matches_them(clip_model, siglip_model, tmp_path):
@@ -176,14 +177,14 @@ def test_preprocess_read_from_hf_processor_files_and_matches_them(clip_model, si
     clip = with_weights(clip_model[0], tmp_path / "clip")
     clip_proc = transformers.CLIPImageProcessorPil(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32})
     clip_proc.save_pretrained(clip)
-    cases = [(sig, sig_proc, M.ImagePreprocess("square", 40, 40, "bilinear", HALF, HALF)),
-             (clip, clip_proc, M.ImagePreprocess("shortest_side_crop", 36, 32, "bicubic", M.CLIP_MEAN, M.CLIP_STD))]
+    cases = [(sig, sig_proc, ImagePreprocess("square", 40, 40, "bilinear", HALF, HALF)),
+             (clip, clip_proc, ImagePreprocess("shortest_side_crop", 36, 32, "bicubic", CLIP_MEAN, CLIP_STD))]
     rng = np.random.default_rng(0)
     for path, proc, expected in cases:
         p = M.load_image_tower(path).preprocess
         assert p == expected, p
         # even crop margins only: for an odd one HF's PIL processor floors the offset, OpenAI's transform
-        # (its center crop, and dataset.py) rounds it: the crops then differ by one pixel
+        # (its center crop, and images.py) rounds it: the crops then differ by one pixel
         for shape in [(36, 54), (54, 36), (30, 30), (20, 90)]:
             img = Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8))
             ref = proc(images=img, return_tensors="pt")["pixel_values"][0]
@@ -196,7 +197,7 @@ def test_preprocess_old_and_unsupported_processor_files(clip_model, tmp_path):
         json.dump({"size": 48, "crop_size": 40, "resample": 3, "image_mean": [0.1, 0.2, 0.3],
                    "image_std": [1, 2, 3]}, f)
     p = M.load_image_tower(clip).preprocess
-    assert p == M.ImagePreprocess("shortest_side_crop", 48, 40, "bicubic", (0.1, 0.2, 0.3), (1, 2, 3))
+    assert p == ImagePreprocess("shortest_side_crop", 48, 40, "bicubic", (0.1, 0.2, 0.3), (1, 2, 3))
     with open(file, "w") as f:
         json.dump({"size": {"height": 32, "width": 48}}, f)
     with pytest.raises(ValueError, match=r"preprocessor_config.json: size \{'height': 32, 'width': 48\} is not"):

@@ -1,4 +1,5 @@
-"""Fused SigLIP sigmoid loss against an fp64 reference, on the CPU through Triton's interpreter.
+"""Fused SigLIP sigmoid loss against an fp64 reference, on the CPU through Triton's interpreter (or
+natively on a GPU with TEST_DEVICE=cuda: conftest.py).
 
 Accuracy rule: tests/tolerance.py (ours against fp64 at most twice PyTorch's own error in the input
 dtype, plus 2^-20 of the largest reference value), for the loss and all four gradients.
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from conftest import DEVICE
 from tolerance import assert_close_to_fp64
 
 from fused_losses import sigmoid as S
@@ -23,9 +25,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["loss", "d_image", "d_text", "d_scale", "d_bias"]
 
 
-def make_features(N, D, kind, seed, dtype):
-    """Unit rows, rounded to dtype: random; near-duplicate (every row a 1e-2 perturbation of one
-    direction, so all logits are nearly equal); collapsed (every row identical)."""
+def make_features(N, D, kind, seed, dtype, device=DEVICE):
+    """Unit rows, rounded to dtype, on the test device: random; near-duplicate (every row a
+    1e-2 perturbation of one direction, so all logits are nearly equal); collapsed (every row
+    identical)."""
     g = torch.Generator().manual_seed(seed)
     if kind == "random":
         x = torch.randn(N, D, generator=g)
@@ -33,7 +36,7 @@ def make_features(N, D, kind, seed, dtype):
         x = torch.randn(1, D, generator=g) + 1e-2 * torch.randn(N, D, generator=g)
     else:
         x = torch.randn(1, D, generator=g).expand(N, D)
-    return F.normalize(x.double(), dim=-1).to(dtype)
+    return F.normalize(x.double(), dim=-1).to(device, dtype)
 
 
 def loss_and_grads(fn, a, b, s, t, upstream=1.0, **kw):
@@ -43,10 +46,10 @@ def loss_and_grads(fn, a, b, s, t, upstream=1.0, **kw):
     return [loss.detach(), a.grad, b.grad, s.grad, t.grad]
 
 
-def inputs(N, D, s, t, dtype, kind, seed=0):
-    a = make_features(N, D, kind, seed, dtype)
-    b = make_features(N, D, kind, seed + 1, dtype) if kind != "collapsed" else a.clone()
-    return a, b, torch.tensor(s), torch.tensor(t)
+def inputs(N, D, s, t, dtype, kind, seed=0, device=DEVICE):
+    a = make_features(N, D, kind, seed, dtype, device)
+    b = make_features(N, D, kind, seed + 1, dtype, device) if kind != "collapsed" else a.clone()
+    return a, b, torch.tensor(s, device=device), torch.tensor(t, device=device)
 
 
 def fp64(a, b, s, t):
@@ -73,6 +76,12 @@ CASES = [  # N, D, s, t, dtype, kind
     (257, 40, 100.0, 3.0, torch.float16, "near_dup"),
     (257, 40, 10.0, 3.0, torch.float32, "collapsed"),
 ]
+if DEVICE.type == "cuda":  # real widths, batches over many tiles and SMs (slow interpreted)
+    CASES += [
+        (1031, 1280, 10.0, -10.0, torch.bfloat16, "random"),
+        (2053, 768, 100.0, 3.0, torch.float32, "near_dup"),
+        (4099, 1024, 10.0, -10.0, torch.float16, "random"),
+    ]
 
 
 @pytest.mark.parametrize("N,D,s,t,dtype,kind", CASES)
@@ -134,6 +143,7 @@ def test_upstream_gradient_and_partial_grads():
     assert torch.allclose(loss, base[0], rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow
 def test_deterministic():
     x = inputs(129, 40, 100.0, -10.0, torch.bfloat16, "random", seed=5)
     first = loss_and_grads(sigmoid_loss, *x)
@@ -143,7 +153,7 @@ def test_deterministic():
 
 def test_cpu_without_interpreter_runs_reference(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    x = inputs(7, 8, 10.0, -10.0, torch.float32, "random", seed=6)
+    x = inputs(7, 8, 10.0, -10.0, torch.float32, "random", seed=6, device="cpu")
     assert torch.equal(sigmoid_loss(*x), sigmoid_loss_reference(*x))
 
 
@@ -177,6 +187,7 @@ def test_elementwise_math_within_ulps():
     # exp(-x) over [0, 90] and log1p(exp(-x)) against fp64, relative error in fp32 ulps (2^-23);
     # a naive log(1 + e) in fp32 is wrong by ~100% once e < 6e-8 (x > 16.6), so this can fail
     x = torch.cat([torch.linspace(0, 1, 1001), torch.linspace(1, 90, 4001), torch.tensor([86.999, 87.0, 1e-30])])
+    x = x.to(DEVICE)
     e, l1p = torch.empty_like(x), torch.empty_like(x)
     _math_kernel[(triton.cdiv(x.numel(), 1024),)](x, e, l1p, x.numel(), BLOCK=1024)
     xd = x.double()
@@ -204,7 +215,7 @@ def open_clip_rank_losses(a, b, s, t, world):
     for k in range(world):
         a_k = a[k * n:(k + 1) * n]
         own = s * a_k @ b[k * n:(k + 1) * n].t() + t
-        labels = 2 * torch.eye(n, dtype=a.dtype) - 1
+        labels = 2 * torch.eye(n, dtype=a.dtype, device=a.device) - 1
         loss = -F.logsigmoid(labels * own).sum()
         for j in range(world):
             if j != k:
@@ -221,9 +232,10 @@ def test_distributed_emulated():
     world, n, D = 3, 7, 40
     a = make_features(world * n, D, "random", 8, torch.float32)
     b = make_features(world * n, D, "random", 9, torch.float32)
-    s, t = torch.tensor(10.0), torch.tensor(-3.0)
+    s, t = torch.tensor(10.0, device=DEVICE), torch.tensor(-3.0, device=DEVICE)
     g_all = [1.0, 0.5, 2.0]
-    losses, da, db, ds, dt = [], [], torch.zeros(world * n, D, dtype=torch.float64), 0.0, 0.0
+    db = torch.zeros(world * n, D, dtype=torch.float64, device=DEVICE)
+    losses, da, ds, dt = [], [], 0.0, 0.0
     for k in range(world):
         total, dak, dbk, g_sum, gs_sum = S._sigmoid_sweep(a[k * n:(k + 1) * n], b, s, t, k * n, True, True, True)
         losses.append(total / n)
@@ -249,6 +261,7 @@ def _free_port():
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_distributed_two_processes(tmp_path):
     # two real gloo processes run the public function (Triton path) and the reference; each rank's
     # gradients, averaged as DDP averages them, equal the single-process global gradients

@@ -11,6 +11,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import model as M  # noqa: E402
 
+pytestmark = pytest.mark.slow  # converts the demo LLM
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOLDER = os.environ.get("SMOLLM2_PATH", os.path.join(ROOT, "data", "smollm2", "hf"))
 

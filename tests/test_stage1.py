@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 
 from tiny import run_script, tiny_clip, tiny_llm, write_manifest
 
+pytestmark = pytest.mark.slow  # training runs
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

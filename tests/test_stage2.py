@@ -16,6 +16,8 @@ import model as M
 from tiny import (checkpoint_weights, ranks_vs_global_batch, run_script, tiny_clip, tiny_llm, write_images,
                   write_manifest)
 
+pytestmark = pytest.mark.slow  # training runs, two-rank runs
+
 N = 24
 
 def run(args, script="train_stage2.py", torchrun=0, check=True):

@@ -19,8 +19,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import transformers  # noqa: E402
 
 import model as M  # noqa: E402
+from images import ImagePreprocess, clip_preprocess, preprocess_config, read_preprocess  # noqa: E402
 from tiny import (checkpoint_weights, ranks_vs_global_batch, run_script, tiny_clip, tiny_llm,  # noqa: E402
                   write_images, write_manifest)
+
+pytestmark = pytest.mark.slow  # training runs, two-rank runs
 
 N = 24
 SCALE, BIAS = math.log(20.0), -4.0  # the tiny SigLIP's logit scale and bias: neither SigLIP's init nor CLIP's
@@ -133,10 +136,11 @@ def test_export_is_a_siglip_vision_model_folder(setup):
     assert torch.equal(M.read_logit_scale(path), ckpt["logit_scale"])
     assert torch.equal(M.read_logit_bias(path), ckpt["logit_bias"])
     assert ours.preprocess == M.load_image_tower(setup["siglip"]).preprocess == \
-        M.ImagePreprocess("square", 16, 16, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        ImagePreprocess("square", 16, 16, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     # HF's processor read from the export gives the pixels the dataset gives evaluate.py
-    from dataset import ImageDataset
-    ds = ImageDataset(setup["manifest"], preprocess=ours.preprocess, train=False)
+    from images import ImageDataset
+    from manifest import Manifest
+    ds = ImageDataset(Manifest(setup["manifest"]), preprocess=ours.preprocess, train=False)
     proc = transformers.SiglipImageProcessorPil.from_pretrained(path)
     img = Image.open(os.path.join(os.path.dirname(setup["manifest"]), "0.png"))
     torch.testing.assert_close(ds[0][0], proc(images=img, return_tensors="pt")["pixel_values"][0], atol=1e-6, rtol=0)
@@ -157,7 +161,7 @@ def test_clip_tower_with_the_sigmoid_loss(setup):
     assert abs(math.log(log[0]["logit_scale"]) - clip_scale) < 2e-3 and abs(log[0]["logit_bias"] + 10) < 2e-3
     path = str(d / "clip_sigmoid" / "model")
     vit = M.load_image_tower(path).eval()
-    assert type(vit) is M.ViT and vit.embed_dim == 24 and vit.preprocess == M.clip_preprocess(16)
+    assert type(vit) is M.ViT and vit.embed_dim == 24 and vit.preprocess == clip_preprocess(16)
     assert torch.equal(M.read_logit_bias(path), weights(d / "clip_sigmoid")["logit_bias"])
     hf = transformers.CLIPVisionModelWithProjection.from_pretrained(path).eval()
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -176,15 +180,15 @@ def test_clip_tower_with_the_sigmoid_loss(setup):
         torch.testing.assert_close(M.load_image_tower(path)(x), hf.get_image_features(pixel_values=x).pooler_output,
                                    atol=1e-5, rtol=0)
 
-@pytest.mark.parametrize("p", [M.ImagePreprocess("shortest_side_crop", 36, 32, "lanczos", (0.1, 0.2, 0.3), (0.3, 0.2, 0.1)),
-                               M.ImagePreprocess("square", 20, 20, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+@pytest.mark.parametrize("p", [ImagePreprocess("shortest_side_crop", 36, 32, "lanczos", (0.1, 0.2, 0.3), (0.3, 0.2, 0.1)),
+                               ImagePreprocess("square", 20, 20, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
 def test_preprocess_config_round_trip(p, tmp_path):
-    """What exports write as preprocessor_config.json: model.py reads back the same ImagePreprocess, and HF's
-    processor of that file computes the pixels that test_siglip's reference (and so dataset.py) computes."""
+    """What exports write as preprocessor_config.json: images.py reads back the same ImagePreprocess, and HF's
+    processor of that file computes the pixels that test_siglip's reference (and so images.py) computes."""
     from test_siglip import apply
     with open(tmp_path / "preprocessor_config.json", "w") as f:
-        json.dump(M.preprocess_config(p), f)
-    assert M.read_preprocess(str(tmp_path), M.clip_preprocess(224)) == p
+        json.dump(preprocess_config(p), f)
+    assert read_preprocess(str(tmp_path), clip_preprocess(224)) == p
     proc = transformers.AutoImageProcessor.from_pretrained(str(tmp_path), backend="pil")
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))  # even margins
     torch.testing.assert_close(apply(p, img), proc(images=img, return_tensors="pt")["pixel_values"][0], atol=1e-6, rtol=0)

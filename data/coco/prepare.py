@@ -1,5 +1,5 @@
 """
-COCO 5K test (Karpathy split) -> a manifest for multi-caption retrieval (DESIGN.md section 7).
+COCO 5K test (Karpathy split) -> a manifest for multi-caption retrieval (docs/design.md, Evaluation).
 
 Run (one process, a few seconds; the images are not read, only checked to exist):
     python data/coco/prepare.py --root=/data/coco --out=/data/eval/coco

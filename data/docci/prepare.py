@@ -1,5 +1,5 @@
 """
-DOCCI test split -> a manifest for 1:1 long-caption retrieval (DESIGN.md section 7): 5,000 images, one
+DOCCI test split -> a manifest for 1:1 long-caption retrieval (docs/design.md, Evaluation): 5,000 images, one
 long human-written description each.
 
 Run (one process, a few seconds; the images are not read, only checked to exist):

@@ -46,6 +46,7 @@ import os
 import sys
 import ast
 import gzip
+import importlib.util
 import json
 import time
 import shutil
@@ -256,17 +257,29 @@ def write_jsonl(path, records):
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def cupl_set():
-    """{"texts", "group", "classes"}: cupl_per_class CuPL descriptions of each of cupl_classes ImageNet
-    classes; group[r] is the class index of texts[r] (a hit retrieves another text of the same group)."""
-    import importlib.util
+def cupl_path():
+    """Path of clip-benchmark's cupl_prompts.json, found without importing clip_benchmark (its
+    __init__ may import open_clip and its image package)."""
     spec = importlib.util.find_spec("clip_benchmark")  # finds, does not execute, its __init__
     path = spec and os.path.join(spec.submodule_search_locations[0], "datasets", "cupl_prompts.json")
     if not path or not os.path.isfile(path):
-        sys.exit(f"clip-benchmark's cupl_prompts.json not found; install it with: {CUPL_INSTALL} "
-                 f"(or pass --cupl_classes=0 to skip the CuPL set)")
-    with open(path, encoding="utf-8") as f:
-        cupl = json.load(f)["imagenet1k"]
+        raise FileNotFoundError(f"clip-benchmark's cupl_prompts.json not found; install it with: {CUPL_INSTALL}")
+    return path
+
+
+def read_cupl(path=None):
+    """{ImageNet class name: [CuPL descriptions]} (998 classes, about 150 descriptions each)."""
+    with open(path or cupl_path(), encoding="utf-8") as f:
+        return json.load(f)["imagenet1k"]
+
+
+def cupl_set():
+    """{"texts", "group", "classes"}: cupl_per_class CuPL descriptions of each of cupl_classes ImageNet
+    classes; group[r] is the class index of texts[r] (a hit retrieves another text of the same group)."""
+    try:
+        cupl = read_cupl()
+    except FileNotFoundError as e:
+        sys.exit(f"{e} (or pass --cupl_classes=0 to skip the CuPL set)")
     rng = np.random.default_rng([seed, 99])
     names = sorted(cupl)  # a fixed order, whatever the JSON file's
     texts, group, classes = [], [], []
@@ -382,11 +395,11 @@ if __name__ == "__main__":
 
     # check what we wrote exactly as a trainer will, before publishing it
     sys.path.insert(0, str(ROOT))
-    from dataset import check_manifest
-    check_manifest(tmp_dir / "pretrain.jsonl", fields=["short"])
-    check_manifest(tmp_dir / "train.jsonl", fields=["short", "long", "short_de", "de"])
-    check_manifest(tmp_dir / "test.jsonl", fields=["short", "long", "de", "fr"])
-    check_manifest(tmp_dir / "zeroshot.jsonl", fields=["short"], label=True)
+    from manifest import Manifest
+    Manifest(tmp_dir / "pretrain.jsonl").check(fields=["short"], decode=True)
+    Manifest(tmp_dir / "train.jsonl").check(fields=["short", "long", "short_de", "de"], decode=True)
+    Manifest(tmp_dir / "test.jsonl").check(fields=["short", "long", "de", "fr"], decode=True)
+    Manifest(tmp_dir / "zeroshot.jsonl").check(fields=["short"], label=True, decode=True)
 
     stats = {"counts": {k: len(v) for k, v in splits.items()},
              "images_sharing_a_caption_test": ambiguity(splits["test"])}

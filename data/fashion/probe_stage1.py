@@ -1,5 +1,5 @@
-"""How an LLM folder embeds the demo's captions, for LLM2CLIP stage 1 (the README's numbers on why stage 1
-does not learn here). Two probes, both with the scripts' tokenising, template and pooling (model.py):
+"""How an LLM folder embeds the demo's captions, for LLM2CLIP stage 1 (docs/experiments.md's numbers on why stage 1
+does not learn here). Two probes, both with the scripts' tokenising, template and pooling (embedder.py):
   1. SimCSE loss at scale 50 and cosine statistics on the first 16 grids of train.jsonl, per caption pair
      (queries carry stage 1's instruction): loss (ln 16 = 2.77 for embeddings that carry nothing), mean
      cosine of the positives and of the negatives, standard deviation of all 256 cosines;
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import embedder as EM  # noqa: E402
 import model as M  # noqa: E402
 
 model, data, n, attention, template = "data/smollm2/hf", "data/fashion/out", 200, "bidirectional", "auto"
@@ -26,14 +27,14 @@ if __name__ == "__main__":
     configure(globals())
     llm = M.Llama.from_pretrained(model, dtype=torch.bfloat16, causal=attention == "causal").eval()
     tok = M.load_tokenizer(model)
-    tmpl = M.caption_template(tok, template)
-    M.check_embedder(model, attention, tmpl)
+    tmpl = EM.caption_template(tok, template)
+    EM.check_embedder(model, EM.EmbedSpec(INSTRUCTION, 512, tmpl, attention))
 
     @torch.no_grad()
     def embed(texts, instruction=""):
-        ids, pre = M.tokenize_for_embedding(tok, texts, instruction, 512, tmpl)
-        i, m = M.pad_batch(ids)
-        return F.normalize(M.mean_pool(llm(i, m), M.skip_instruction(m, pre)).float(), dim=-1)
+        ids, pre = EM.tokenize_for_embedding(tok, texts, instruction, 512, tmpl)
+        i, m = EM.pad_batch(ids)
+        return F.normalize(EM.mean_pool(llm(i, m), EM.skip_instruction(m, pre)).float(), dim=-1)
 
     print(f"{model} ({attention}, template {tmpl!r})")
     train = [json.loads(line) for _, line in zip(range(16), open(os.path.join(data, "train.jsonl")))]

@@ -1,4 +1,4 @@
-"""Where a demo run loses the base CLIP's zero-shot (the README's numbers on ProCLIP): zero-shot top-1 on the
+"""Where a demo run loses the base CLIP's zero-shot (docs/experiments.md's numbers on ProCLIP): zero-shot top-1 on the
 single test items (zeroshot.jsonl, classes.json's prompts) for image towers crossed with text sides. Image
 towers: the base CLIP's ViT and the stage-2 ViTs; text sides: the base CLIP's text tower, ProCLIP's stage-1
 adaptor (over ProCLIP's LLM, embedded as its text.json says) and each stage-2 folder's own text side. A
@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import evaluate as E  # noqa: E402
 import model as M  # noqa: E402
-from dataset import read_manifest  # noqa: E402
+from manifest import Manifest  # noqa: E402
 
 demo, data, stage1, proclip = "out/demo", "data/fashion/out", "", ""  # "" = the demo's own folders
 
@@ -23,7 +23,7 @@ if __name__ == "__main__":
     configure(globals())
     stage1, proclip = stage1 or f"{demo}/stage1_proclip", proclip or f"{demo}/proclip/model"
     classes, templates = E.read_classes(f"{data}/classes.json")
-    items = read_manifest(f"{data}/zeroshot.jsonl")
+    items = Manifest(f"{data}/zeroshot.jsonl").check(images="ignore")
     labels = [r["label"] for r in items]
     with torch.no_grad():
         pro = E.StageTwoText(proclip, E.device)  # its LLM (fingerprint checked), adaptor and embedding settings

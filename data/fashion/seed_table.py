@@ -1,4 +1,4 @@
-"""The README's demo tables: one Markdown row per model over demo runs (their results.json, as demo.sh writes
+"""The demo tables of the README and docs/experiments.md: one Markdown row per model over demo runs (their results.json, as demo.sh writes
 them), mean ± sample std over the runs, or the values themselves for one run; "-" where a row lacks a score.
     python data/fashion/seed_table.py out/demo out/demo_seed2 out/demo_seed3
 """

@@ -1,5 +1,5 @@
 """
-Flickr30k 1K test (Karpathy split) -> a manifest for multi-caption retrieval (DESIGN.md section 7).
+Flickr30k 1K test (Karpathy split) -> a manifest for multi-caption retrieval (docs/design.md, Evaluation).
 
 Run (one process, a few seconds; the images are not read, only checked to exist):
     python data/flickr30k/prepare.py --root=/data/flickr30k --out=/data/eval/flickr30k

@@ -1,6 +1,6 @@
 """
 ImageNet-1k validation set -> a labelled manifest and the class names and prompts for zero-shot
-classification (DESIGN.md section 7).
+classification (docs/design.md, Evaluation).
 
 Set up once (clip-benchmark is read by path, never imported; its dependencies are not needed):
     pip install --no-deps clip-benchmark==1.6.2

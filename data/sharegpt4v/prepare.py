@@ -1,5 +1,5 @@
 r"""
-ShareGPT4V-1k -> a manifest for 1:1 long-caption retrieval (DESIGN.md section 7): the first 1,000
+ShareGPT4V-1k -> a manifest for 1:1 long-caption retrieval (docs/design.md, Evaluation): the first 1,000
 entries of ShareGPT4V's Share-Captioner file, one image and one long caption each.
 
 Run (one process, about a second: only the start of the 1.2M-entry file is read):

@@ -17,7 +17,7 @@ Out: <out>/config.json, generation_config.json, model.safetensors (fp32, dequant
      tokenizer_config.json, chat_template.jinja (ChatML, <|im_start|> ... <|im_end|>).
 The weights are Q4_1 dequantized, so they are close to, not equal to, the original release on the Hub.
 --layers=k keeps the embeddings, the first k decoder layers and the final norm (config num_hidden_layers=k):
-a shallower, faster text encoder (README, The real LLM, says what it does to the demo). Such a model no
+a shallower, faster text encoder (docs/experiments.md says what it does to the demo). Such a model no
 longer generates text, so the check runs on the whole model before the cut.
 Running it again is a no-op once <out> is complete; a killed run leaves only <out>.partial behind,
 which the next run deletes.

@@ -1,5 +1,5 @@
 """
-Urban1k -> a manifest for 1:1 long-caption retrieval (DESIGN.md section 7): 1,000 urban scenes, one
+Urban1k -> a manifest for 1:1 long-caption retrieval (docs/design.md, Evaluation): 1,000 urban scenes, one
 long caption each.
 
 Run (one process, about a second; the images are not read, only checked to exist):

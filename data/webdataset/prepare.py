@@ -8,7 +8,7 @@ img2dataset webdataset shards -> a manifest (dataset.py format) whose images sta
 In:  tar shards as img2dataset writes them (`--output_format webdataset`): NNNNN.tar holding, per image,
      KEY.jpg (or .jpeg, .png, .webp), KEY.txt (its alt-text) and KEY.json (metadata: url, key, caption,
      status, width, height, ...), read in place (headers and the small .txt/.json members only; images are
-     not decoded: `dataset.check_manifest(out, decode=True)` does that in parallel if wanted).
+     not decoded: `manifest.Manifest(out).check(decode=True)` does that in parallel if wanted).
      `shards`: a folder (every *.tar in it), a glob, or a comma-separated list; sorted by path.
      `long_captions` (optional): a sidecar of recaptions keyed by image, in one of these formats (what we
      assume; checked against their published descriptions, not against the full files):
@@ -32,11 +32,11 @@ In:  tar shards as img2dataset writes them (`--output_format webdataset`): NNNNN
 Out: <out>             one line per image, shards in path order and members in tar order:
                          {"image": "<shard, relative to out's folder>/KEY.jpg",
                           "captions": {"short": [alt-text], "long": [...]}}   (DreamLIP: longSV etc.)
-                       (dataset.py resolves "<shard>.tar/<member>" through the index of member offsets)
+                       (manifest.py resolves "<shard>.tar/<member>" through the index of member offsets)
      <out>.skipped.jsonl  every image left out, with its shard, key and why: no image member, no caption
                        at all, no long caption (when a sidecar is given and require_long), or a damaged
                        shard (skip_bad) -- nothing is dropped without a line here and a count on stdout
-     <out>.index/      the manifest's index (dataset.Manifest), built at the end: training starts at once
+     <out>.index/      the manifest's index (manifest.Manifest), built at the end: training starts at once
 Shards are read in parallel (`workers` processes, a progress bar); each finished shard is kept in
 <out>.parts/ (with the settings), so a killed run resumes where it stopped; <out> appears whole at the end.
 A truncated or corrupt shard stops the run naming the shard and the last member read (skip_bad=True:
@@ -63,7 +63,7 @@ from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
-from dataset import Manifest, scan_tar  # noqa: E402
+from manifest import Manifest, scan_tar  # noqa: E402
 
 # -----------------------------------------------------------------------------
 shards = ""          # a folder of .tar shards, a glob, or a comma-separated list of files
@@ -338,7 +338,7 @@ def main():
           (f"; left out ({out_path}.skipped.jsonl): " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in left.items())
            if left else ""))
     if index:
-        Manifest(out_path).require()  # index (member offsets included) and check now, not at the first training run
+        Manifest(out_path).check()  # index (member offsets included) and check now, not at the first training run
 
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE.parent.parent))

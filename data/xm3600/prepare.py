@@ -1,5 +1,5 @@
 """
-Crossmodal-3600 (XM3600) -> a manifest for multilingual multi-caption retrieval (DESIGN.md section 7):
+Crossmodal-3600 (XM3600) -> a manifest for multilingual multi-caption retrieval (docs/design.md, Evaluation):
 3,600 images, captions in 36 languages, one caption field per language.
 
 Run (one process, a few seconds; the images are not read, only checked to exist):
