@@ -61,6 +61,7 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 import embedder as EM
+import llama as LM
 import model as M
 from manifest import Manifest
 from train_common import model_fingerprint, setup_distributed, teardown_distributed, write_json
@@ -190,7 +191,7 @@ def main():
     for f in names:
         man.ptr(f)  # a field no record has: KeyError naming the manifest and its fields
     counts = {f: man.n_rows(f) for f in names}
-    llm = M.Llama.from_pretrained(model, dtype=getattr(torch, dtype), causal=attention == "causal").to(device).eval()
+    llm = LM.Llama.from_pretrained(model, dtype=getattr(torch, dtype), causal=attention == "causal").to(device).eval()
     tok = M.load_tokenizer(model)
     tmpl = EM.caption_template(tok, template)  # the resolved string ("" = no wrap): what meta.json records
     spec = EM.EmbedSpec(instruction, max_length, tmpl, attention)

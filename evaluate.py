@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import embedder as EM
+import llama as LM
 import model as M
 from images import ImageDataset, collate
 from manifest import Manifest, caption_rows
@@ -295,7 +296,7 @@ class StageTwoText:
 
     def llm_embed(self, texts):
         if self.llm is None:
-            self.llm = M.Llama.from_pretrained(self.llm_path, dtype=getattr(torch, dtype),
+            self.llm = LM.Llama.from_pretrained(self.llm_path, dtype=getattr(torch, dtype),
                                                causal=self.spec.attention == "causal").to(self.device).eval()
             self.tok = M.load_tokenizer(self.llm_path)
         chunk, sp = 16 * batch_size, self.spec
@@ -400,7 +401,7 @@ def evaluate_towers(kind, device):
 def evaluate_llm(device):
     """The stage-1 check: caption-to-caption top-1 of an LLM, the instruction on queries only, every
     caption wrapped in the caption template (resolved here, from the LLM's tokenizer)."""
-    net = M.Llama.from_pretrained(model, dtype=getattr(torch, dtype), causal=attention == "causal").to(device).eval()
+    net = LM.Llama.from_pretrained(model, dtype=getattr(torch, dtype), causal=attention == "causal").to(device).eval()
     tok = M.load_tokenizer(model)
     tmpl = EM.caption_template(tok, template)
     EM.check_embedder(model, EM.EmbedSpec(instruction, max_length, tmpl, attention))

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import embedder as EM
+import llama as LM
 import model as M
 from manifest import Manifest
 from fused_losses import all_gather_with_grad, structure_loss
@@ -224,8 +225,8 @@ def main(config):
         # every image must have captions in every field (and parallel fields as many): fail now, not mid-run
         records.check(fields=used, images="ignore")
         # the frozen base in the compute dtype; the LoRA tensors add_lora creates stay fp32
-        net = M.Llama.from_pretrained(model, dtype=getattr(torch, dtype), causal=attention == "causal").to(device)
-        M.add_lora(net, lora_r, lora_alpha, lora_dropout, top_layers=lora_top_layers)
+        net = LM.Llama.from_pretrained(model, dtype=getattr(torch, dtype), causal=attention == "causal").to(device)
+        LM.add_lora(net, lora_r, lora_alpha, lora_dropout, top_layers=lora_top_layers)
         net.grad_checkpointing = grad_checkpointing
         tok = M.load_tokenizer(model)
         tmpl = EM.caption_template(tok, template)  # resolved once: "" = no wrap
@@ -293,7 +294,7 @@ def main(config):
     if master and step == max_steps:
         net.eval()
         if method == "llm2clip":
-            M.save_lora(net, os.path.join(out_dir, "lora.safetensors"))
+            LM.save_lora(net, os.path.join(out_dir, "lora.safetensors"))
             # how the merged LLM embeds: embed_cache.py and evaluate.py refuse other settings
             spec = EM.EmbedSpec(instruction, max_length, tmpl, attention)
             record = {EM.EMBEDDER_JSON: EM.put_spec({}, spec)}

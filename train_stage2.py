@@ -55,19 +55,19 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import embedder as EM
 import model as M
-from images import ImageDataset, collate, preprocess_config
+from embed_cache import open_cache, read_meta
+from images import ImageDataset, collate
 from manifest import Manifest
 from fused_losses import contrastive_loss, sigmoid_loss, structure_loss
 from configurator import check
 from train_common import (StepLog, atomic_write, cosine_lr, global_batch, load_checkpoint,
                           model_fingerprint, recover, run_identity, save_checkpoint,
-                          setup_distributed, teardown_distributed)
+                          setup_distributed, teardown_distributed, write_json)
 
 # -----------------------------------------------------------------------------
 method = "llm2clip"              # llm2clip | proclip | clip
@@ -123,6 +123,21 @@ MUST_MATCH = ("method", "loss", "batch_size", "seed", "max_steps", "fields", "sk
 INPUTS = {"llm2clip": ("manifest", "clip", "llm", "cache", "stage1"), "proclip": ("manifest", "clip", "llm", "cache", "stage1"),
           "clip": ("manifest", "clip", "tokenizer")}  # (clip: the tokenizer when the CLIP starts from scratch)
 LN100 = math.log(100.0)
+
+def stage2_loss(img, txt, net, teacher_img=None):
+    """This rank's loss -> (total, L_c). img, txt: normalised (B, D) embeddings; the kernels gather every
+    rank's features, so L_c is over the global batch. L_c: CLIP's InfoNCE (loss=softmax) or SigLIP's
+    sigmoid loss. ProCLIP (teacher_img: the EMA teacher's normalised embeddings u of the same images)
+    adds distill_lambda * (L_ins + L_struct): L_ins = sum_i ||v_i - u_i||^2, L_struct the SmoothL1 between
+    the two sets' pairwise distances (fused_losses/structure.py)."""
+    if loss == "sigmoid":
+        l_c = sigmoid_loss(img, txt, net.logit_scale.exp(), net.logit_bias)
+    else:
+        l_c = contrastive_loss(img, txt, net.logit_scale.exp())
+    if teacher_img is None:
+        return l_c, l_c
+    l_ins = (img - teacher_img).pow(2).sum()
+    return l_c + distill_lambda * (l_ins + structure_loss(img, teacher_img, beta=struct_beta)), l_c
 
 class Stage2(nn.Module):
     """The trained towers: the image tower (ViT or SiglipViT), the text side (Adaptor over cached LLM
@@ -227,67 +242,88 @@ def clip_tokenizer(path):
     return tok, eos
 
 # -----------------------------------------------------------------------------
-# export
+# the towers per method, and the export
+
+def build_towers(man, names, device):
+    """-> (image tower, text side, CLIP tokenizer or None, EMA teacher or None, cache arrays by field).
+    clip: a CLIP's own text tower (from its folder, or both towers from scratch); llm2clip, proclip: the
+    Adaptor over the cached LLM embeddings (fresh, or ProCLIP stage 1's), the tower re-aligned to it."""
+    vit = M.load_image_tower(clip) if clip else None  # ViT (CLIP) or SiglipViT (SigLIP), by model_type
+    siglip = isinstance(vit, M.SiglipViT)
+    if method == "clip":
+        if siglip:
+            raise ValueError(f"method=clip trains a CLIP with its own text tower, and clip={clip} is a SigLIP "
+                             f"folder: model.py has no SigLIP text tower (re-align its image tower with "
+                             f"method=llm2clip or proclip)")
+        tok, eos = clip_tokenizer(clip or tokenizer)
+        if clip:
+            text = M.CLIPTextTower.from_pretrained(clip)
+        else:
+            vit, text = clip_from_scratch(len(tok), eos)
+        if embed_dim and embed_dim != vit.embed_dim:
+            raise ValueError(f"embed_dim {embed_dim}: method=clip keeps the CLIP's width {vit.embed_dim}")
+        return vit, text, tok, None, {}
+    if not clip:
+        raise ValueError(f"method={method} needs clip= (an HF CLIP or SigLIP folder whose image tower is "
+                         f"re-aligned)")
+    arrays = {f: open_cache(cache, f, llm, man) for f in names}  # refuses another LLM's or manifest's cache
+    dim = arrays[names[0]].shape[1]
+    if method == "llm2clip" and not siglip:
+        fresh_projection(vit, embed_dim or 1280)
+    elif embed_dim and embed_dim != vit.embed_dim:
+        # SigLIP: no projection to re-initialise (its joint space is the attention-pooled output), and adding
+        # one would make the export something transformers' SiglipVisionModel cannot load
+        raise ValueError(f"embed_dim {embed_dim}: a SigLIP tower has no projection, so it keeps its own joint "
+                         f"width {vit.embed_dim} (hidden_size, the pooled output); set embed_dim=0 or "
+                         f"{vit.embed_dim}" if siglip else
+                         f"embed_dim {embed_dim}: ProCLIP keeps CLIP's joint width {vit.embed_dim}")
+    if stage1:
+        text = M.Adaptor.from_pretrained(stage1)
+    elif method == "proclip":
+        raise ValueError("method=proclip needs stage1= (ProCLIP stage 1's out_dir with adaptor.safetensors)")
+    else:
+        text = M.Adaptor.for_method("llm2clip", dim, vit.embed_dim)
+    if (text.config.in_dim, text.config.out_dim) != (dim, vit.embed_dim):
+        raise ValueError(f"{stage1}: the adaptor maps {text.config.in_dim} -> {text.config.out_dim}, this "
+                         f"run needs {dim} (the cache) -> {vit.embed_dim} (the image tower's joint width)")
+    teacher = copy.deepcopy(vit).requires_grad_(False).eval().to(device) if method == "proclip" else None
+    return vit, text, None, teacher, arrays
 
 def export(out, net, tok, config):
-    """out_dir/model, swapped in whole: an HF folder that model.load_image_tower, evaluate.py and transformers
-    load. The image tower as HF writes it: CLIPVisionModelWithProjection, or SiglipVisionModel with
-    transformers 5's keys (no `vision_model.` prefix; model.py reads both); the logit scale and, for the
-    sigmoid loss, the bias as extra 0-dim tensors `logit_scale`, `logit_bias` in model.safetensors (the
-    names SiglipModel and CLIPModel use: model.read_logit_scale / read_logit_bias read them, model.py's
-    tower loaders skip them, transformers reports them as unused); preprocessor_config.json with the
-    tower's preprocessing."""
-    vit, text = net.vit, net.text
-    siglip = isinstance(vit, M.SiglipViT)
-    sd = {(k.removeprefix("vision_model.") if siglip else k): v.detach().float().contiguous().cpu()
-          for k, v in vit.state_dict().items()}
-    sd["logit_scale"] = net.logit_scale.detach().float().cpu().reshape(())
-    if net.logit_bias is not None:
-        sd["logit_bias"] = net.logit_bias.detach().float().cpu().reshape(())
-    vcfg = {**vars(vit.config), "model_type": "siglip_vision_model" if siglip else "clip_vision_model"}
+    """out_dir/model, swapped in whole: an HF folder that model.load_image_tower, evaluate.py and
+    transformers load. clip: a CLIPModel folder; llm2clip, proclip: the image tower's folder
+    (model.save_image_tower), the adaptor, and text.json (which LLM, its fingerprint, and how the cache
+    embedded captions, so that evaluate.py embeds new captions the same way)."""
     def write(tmp):
-        os.makedirs(tmp)
-        with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
-            json.dump(preprocess_config(vit.preprocess), f, indent=2)
-        if isinstance(text, M.Adaptor):
-            save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                arch = "SiglipVisionModel" if siglip else "CLIPVisionModelWithProjection"
-                json.dump({**vcfg, "architectures": [arch]}, f, indent=2)
-            text.save_pretrained(tmp)
-            from embed_cache import read_meta
-            spec, _ = read_meta(cache)  # how the adaptor's inputs were made: evaluate.py embeds so
-            info = dict(llm=llm, llm_sha256=model_fingerprint(llm), method=method, loss=loss,
-                        config=config)
-            with open(os.path.join(tmp, "text.json"), "w") as f:
-                json.dump(EM.put_spec(info, spec), f, indent=2)
-        else:
-            sd.update({k: v.detach().float().contiguous().cpu() for k, v in text.state_dict().items()})
-            tcfg = {**vars(text.config), "model_type": "clip_text_model", "pad_token_id": tok.pad_token_id}
-            tcfg.pop("projection_dim")
-            vc = {k: v for k, v in vcfg.items() if k != "projection_dim"}
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump({"model_type": "clip", "architectures": ["CLIPModel"], "projection_dim": vit.config.projection_dim,
-                           "logit_scale_init_value": sd["logit_scale"].item(), "text_config": tcfg, "vision_config": vc}, f, indent=2)
-            save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-            tok.save_pretrained(tmp)
+        if method == "clip":
+            M.save_clip(tmp, net.vit, net.text, tok, net.logit_scale, net.logit_bias)
+            return
+        M.save_image_tower(tmp, net.vit, net.logit_scale, net.logit_bias)
+        net.text.save_pretrained(tmp)
+        spec, _ = read_meta(cache)
+        info = dict(llm=llm, llm_sha256=model_fingerprint(llm), method=method, loss=loss, config=config)
+        write_json(os.path.join(tmp, "text.json"), EM.put_spec(info, spec))
     atomic_write(out, write)
 
 # -----------------------------------------------------------------------------
 
-def main(config):
-    check(config, positive=("batch_size", "max_steps", "log_interval", "ckpt_interval", "lr", "grad_clip", "image_size",
-                            "patch_size", "vision_width", "vision_layers", "text_width", "text_layers", "context_length"),
+def check_settings(config):
+    check(config, positive=("batch_size", "max_steps", "log_interval", "ckpt_interval", "lr", "grad_clip",
+                            "image_size", "patch_size", "vision_width", "vision_layers", "text_width",
+                            "text_layers", "context_length"),
           nonnegative=("warmup_steps", "min_lr", "weight_decay", "embed_dim", "distill_lambda", "struct_beta",
                        "adaptor_lr_scale", "logit_scale_init", "num_workers", "halt_at"),
-          choices={"method": ("llm2clip", "proclip", "clip"), "dtype": ("float32", "bfloat16"),  # (fp16: a grad scaler)
-                   "loss": ("softmax", "sigmoid")},
+          choices={"method": ("llm2clip", "proclip", "clip"), "loss": ("softmax", "sigmoid"),
+                   "dtype": ("float32", "bfloat16")},  # (fp16 would need a grad scaler)
           within={"ema_momentum": (0.0, 1.0)},
           rules=[(warmup_steps <= max_steps, f"warmup_steps={warmup_steps}: more than max_steps={max_steps}"),
                  (min_lr <= lr, f"min_lr={min_lr}: more than lr={lr}"),
                  (0 < layer_decay <= 1, f"layer_decay={layer_decay}: must be within (0, 1]"),
                  (any(fields.split(",")), f"fields={fields!r}: expected caption fields like 'short,long'")],
           folders=("out_dir",))
+
+def main(config):
+    check_settings(config)
     ddp, rank, world, device = setup_distributed()
     master = rank == 0
     amp = torch.autocast("cuda", dtype=getattr(torch, dtype), enabled=dtype != "float32") if "cuda" in device \
@@ -304,45 +340,7 @@ def main(config):
     if len(man) < G:
         raise ValueError(f"{manifest}: {len(man)} images, fewer than one global batch ({G})")
 
-    tok, teacher = None, None
-    vit = M.load_image_tower(clip) if clip else None  # ViT (a CLIP folder) or SiglipViT (SigLIP), by model_type
-    siglip = isinstance(vit, M.SiglipViT)
-    if method == "clip":
-        if siglip:
-            raise ValueError(f"method=clip trains a CLIP with its own text tower, and clip={clip} is a SigLIP folder: "
-                             f"model.py has no SigLIP text tower (re-align its image tower with method=llm2clip or proclip)")
-        tok, eos = clip_tokenizer(clip or tokenizer)
-        if clip:
-            text = M.CLIPTextTower.from_pretrained(clip)
-        else:
-            vit, text = clip_from_scratch(len(tok), eos)
-        if embed_dim and embed_dim != vit.embed_dim:
-            raise ValueError(f"embed_dim {embed_dim}: method=clip keeps the CLIP's width {vit.embed_dim}")
-    else:
-        from embed_cache import open_cache
-        if not clip:
-            raise ValueError(f"method={method} needs clip= (an HF CLIP or SigLIP folder whose image tower is re-aligned)")
-        arrays = {f: open_cache(cache, f, llm, man) for f in names}  # refuses another LLM's or manifest's cache
-        dim = arrays[names[0]].shape[1]
-        if method == "llm2clip" and not siglip:
-            fresh_projection(vit, embed_dim or 1280)
-        elif embed_dim and embed_dim != vit.embed_dim:
-            # SigLIP: no projection to re-initialise (its joint space is the attention-pooled output), and adding
-            # one would make the export something transformers' SiglipVisionModel cannot load
-            raise ValueError(f"embed_dim {embed_dim}: a SigLIP tower has no projection, so it keeps its own joint "
-                             f"width {vit.embed_dim} (hidden_size, the pooled output); set embed_dim=0 or {vit.embed_dim}"
-                             if siglip else f"embed_dim {embed_dim}: ProCLIP keeps CLIP's joint width {vit.embed_dim}")
-        if stage1:
-            text = M.Adaptor.from_pretrained(stage1)
-        elif method == "proclip":
-            raise ValueError("method=proclip needs stage1= (ProCLIP stage 1's out_dir with adaptor.safetensors)")
-        else:
-            text = M.Adaptor.for_method("llm2clip", dim, vit.embed_dim)
-        if (text.config.in_dim, text.config.out_dim) != (dim, vit.embed_dim):
-            raise ValueError(f"{stage1}: the adaptor maps {text.config.in_dim} -> {text.config.out_dim}, this run "
-                             f"needs {dim} (the cache) -> {vit.embed_dim} (the image tower's joint width)")
-        if method == "proclip":
-            teacher = copy.deepcopy(vit).requires_grad_(False).eval().to(device)
+    vit, text, tok, teacher, arrays = build_towers(man, names, device)
     net = Stage2(vit, text, *initial_logits(clip)).to(device)
     for m in net.modules():  # the towers' encoders (CLIPEncoder) recompute each layer in the backward
         if hasattr(m, "grad_checkpointing"):
@@ -398,15 +396,9 @@ def main(config):
         pixels = pixels.to(device, non_blocking=True)
         with amp:
             img, txt = model(pixels, text_input(idx, rng))
-            if loss == "sigmoid":
-                info = sigmoid_loss(img, txt, net.logit_scale.exp(), net.logit_bias)
-            else:
-                info = contrastive_loss(img, txt, net.logit_scale.exp())
-            total = info
-            if teacher is not None:
-                with torch.no_grad():
-                    u = F.normalize(teacher(pixels).float(), dim=-1)
-                total = info + distill_lambda * ((img - u).pow(2).sum() + structure_loss(img, u, beta=struct_beta))
+            with torch.no_grad():
+                u = None if teacher is None else F.normalize(teacher(pixels).float(), dim=-1)
+            total, info = stage2_loss(img, txt, net, u)
         opt.zero_grad(set_to_none=True)
         total.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)

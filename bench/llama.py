@@ -26,6 +26,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import embedder as EM  # noqa: E402
+import llama as LM  # noqa: E402
 import model as M  # noqa: E402
 from bench.csvlog import append_row  # noqa: E402
 
@@ -117,13 +118,13 @@ def build():
         with torch.device(device):
             hf = LlamaModel(cfg).to(dt)
         with torch.device(device):  # built where it runs: a 1B model's CPU init takes long
-            ours = M.Llama(M.llama_config(json.loads(cfg.to_json_string())))
+            ours = LM.Llama(LM.llama_config(json.loads(cfg.to_json_string())))
         ours.load_state_dict(hf.state_dict())
         ours = ours.to(device, dt)
         tok, tok_name = preset_tokenizer()  # any tokenizer will do; ids are folded in range
     else:
         hf = LlamaModel.from_pretrained(model, dtype=dt, attn_implementation="sdpa").to(device)
-        ours = M.Llama.from_pretrained(model, dtype=dt).to(device)
+        ours = LM.Llama.from_pretrained(model, dtype=dt).to(device)
         tok, tok_name = M.load_tokenizer(model), model
     return ours.eval(), hf.eval(), tok, tok_name, hf.config.vocab_size
 

@@ -5,7 +5,7 @@ at their configured batch per GPU, without a GPU:
     python -m bench.memory                  # the table (about a minute on a CPU)
     python -m bench.memory --markdown       # the same as a Markdown table
 
-How: this project's own models (model.py's ViT, Llama with LoRA, Adaptor, CLIP text tower) are built at
+How: this project's own models (model.py's ViT, Adaptor, CLIP text tower; llama.py's Llama with LoRA) are built at
 real size on the meta device (shapes and dtypes, no memory, no arithmetic) and one training step runs
 through them: the forward, the loss, the backward, with the same code paths the scripts take (LoRA and
 activation checkpointing included). A dispatch mode sees every tensor each ATen op creates, counts its
@@ -41,6 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+import llama as LM
 
 import model as M
 from configurator import configure
@@ -195,8 +197,8 @@ def row(name, batch, what, params, trainable, peak, grads, extra_static=0, note=
 def llm2clip_stage1(cfg_name, llm_name, length):
     c = recipe(cfg_name)
     with torch.device("meta"):
-        llm = M.Llama(M.LlamaConfig(**LLAMA[llm_name])).to(getattr(torch, c["dtype"]))
-        M.add_lora(llm, c["lora_r"], c["lora_alpha"], c["lora_dropout"])  # LoRA tensors fp32, the rest frozen
+        llm = LM.Llama(LM.LlamaConfig(**LLAMA[llm_name])).to(getattr(torch, c["dtype"]))
+        LM.add_lora(llm, c["lora_r"], c["lora_alpha"], c["lora_dropout"])  # LoRA tensors fp32, the rest frozen
     llm.grad_checkpointing = c["grad_checkpointing"]
     llm.train()
     B = c["batch_size"]
@@ -219,7 +221,7 @@ def llm2clip_stage1(cfg_name, llm_name, length):
 def cache_row(llm_name):
     c = recipe("embed_cache_paper.py")
     with torch.device("meta"):
-        llm = M.Llama(M.LlamaConfig(**LLAMA[llm_name])).to(getattr(torch, c["dtype"])).eval()
+        llm = LM.Llama(LM.LlamaConfig(**LLAMA[llm_name])).to(getattr(torch, c["dtype"])).eval()
     params = list(llm.parameters())
     B, T = c["batch_size"], c["max_length"]
 

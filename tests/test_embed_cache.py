@@ -18,6 +18,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import embed_cache  # noqa: E402
 import embedder as EM  # noqa: E402
+import llama as LM  # noqa: E402
 import model as M  # noqa: E402
 from manifest import Manifest  # noqa: E402
 from tiny import WORDS, tiny_llm, write_manifest  # noqa: E402
@@ -55,7 +56,7 @@ def reference(setup):
 def test_rows_are_the_models_embeddings(setup, reference):
     llm, manifest, _ = setup
     man = Manifest(manifest)
-    model = M.Llama.from_pretrained(llm).eval()
+    model = LM.Llama.from_pretrained(llm).eval()
     tok = M.load_tokenizer(llm)
     meta = json.load(open(reference / "meta.json"))
     assert meta["complete"] and meta["fields"]["long"]["count"] == 120 and meta["fields"]["short"]["count"] == 120 and meta["dim"] == 32

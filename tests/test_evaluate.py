@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import embedder as EM
+import llama as LM
 import model as M
 from chat_tokenizers import chatml_tokenizer
 from images import eval_transform
@@ -235,7 +236,7 @@ def tiny_stage2(folder, clip, llm, method="llm2clip", seed=0, template=""):
     save_file({**sd, "logit_scale": torch.tensor(math.log(100.0))}, os.path.join(folder, "model.safetensors"))
     write_json(os.path.join(folder, "config.json"), {**vars(vit.config), "model_type": "clip_vision_model"})
     torch.manual_seed(seed)
-    M.Adaptor.for_method(method, M.Llama.from_pretrained(llm).config.hidden_size, vit.config.projection_dim).save_pretrained(folder)
+    M.Adaptor.for_method(method, LM.Llama.from_pretrained(llm).config.hidden_size, vit.config.projection_dim).save_pretrained(folder)
     write_json(os.path.join(folder, "text.json"), dict(llm=llm, llm_sha256=model_fingerprint(llm), instruction="",
                                                            max_length=512, template=template, method=method))
     return str(folder)
@@ -296,7 +297,7 @@ def test_stage2_numbers_match_an_independent_computation(tiny):
     res, _ = evaluate(tiny, "ran2", model=tiny["stage2"], cache="")
     res = res["results"]
     vit, adaptor = M.ViT.from_pretrained(tiny["stage2"]), M.Adaptor.from_pretrained(tiny["stage2"])
-    llm, tok = M.Llama.from_pretrained(tiny["llm"]), M.load_tokenizer(tiny["llm"])
+    llm, tok = LM.Llama.from_pretrained(tiny["llm"]), M.load_tokenizer(tiny["llm"])
     records = [json.loads(line) for line in open(tiny["manifest"])]
     with torch.no_grad():
         pixels = torch.stack([eval_transform(Image.open(tiny["dir"] / r["image"]), 16) for r in records])
@@ -409,9 +410,10 @@ REFERENCE = """import sys
 sys.path.insert(0, {root!r})
 import numpy as np, torch
 import embedder as EM
+import llama as LM
 import model as M
 from manifest import Manifest
-llm, tok, man = M.Llama.from_pretrained({llm!r}).eval(), M.load_tokenizer({llm!r}), Manifest({manifest!r})
+llm, tok, man = LM.Llama.from_pretrained({llm!r}).eval(), M.load_tokenizer({llm!r}), Manifest({manifest!r})
 for f in man.fields:  # the call embed_cache.py made before templates existed (one chunk per field here)
     np.save({out!r} + "/" + f + ".npy", EM.embed_texts(llm, tok, man.texts(f), "", 512, 4).to(torch.float16).numpy())
 """
@@ -457,7 +459,7 @@ def test_llm_mode_wraps_the_c2c_captions(tiny, chat):
     auto, r = evaluate(tiny, "chat_llm", model=chat["llm"], cupl="")
     none, _ = evaluate(tiny, "chat_llm_none", model=chat["llm"], cupl="", template="none")
     assert auto["template"] == CHATML and none["template"] == "" and "caption template 'auto': " in r.stdout
-    llm, tok = M.Llama.from_pretrained(chat["llm"]).eval(), M.load_tokenizer(chat["llm"])
+    llm, tok = LM.Llama.from_pretrained(chat["llm"]).eval(), M.load_tokenizer(chat["llm"])
     records = [json.loads(line) for line in open(tiny["manifest"])]
     texts = [t for r in records for t in r["captions"]["long"]]
     group = [i for i, r in enumerate(records) for _ in r["captions"]["long"]]
@@ -473,7 +475,7 @@ def test_stage1_wraps_queries_and_keys(tiny, chat, monkeypatch):
         calls.append((instruction, template))
         return tokenize(tok, texts, instruction, max_length, template)
     monkeypatch.setattr(EM, "tokenize_for_embedding", recording)
-    llm, tok = M.Llama.from_pretrained(chat["llm"]), M.load_tokenizer(chat["llm"])
+    llm, tok = LM.Llama.from_pretrained(chat["llm"]), M.load_tokenizer(chat["llm"])
     records = [json.loads(line) for line in open(tiny["manifest"])]
     loss = S1.llm2clip_step(llm, tok, EM.caption_template(tok, S1.template), records, list(range(4)),
                             np.random.default_rng(0), slice(0, 4), "cpu")
@@ -507,7 +509,7 @@ def test_causal_attention_from_stage1_to_evaluation(tiny, chat, tmp_path):
     texts, tok = Manifest(tiny["manifest"]).texts("long"), M.load_tokenizer(merged)
     rows = np.load(cache / "long.npy").astype(np.float32)
     for causal, close in ((True, True), (False, False)):
-        e = EM.embed_texts(M.Llama.from_pretrained(merged, causal=causal).eval(), tok, texts, template=CHATML).numpy()
+        e = EM.embed_texts(LM.Llama.from_pretrained(merged, causal=causal).eval(), tok, texts, template=CHATML).numpy()
         assert (np.abs(rows - e).max() < 2e-3) == close
     # stage 2 carries it into text.json; its LLM path embeds causally; a bidirectional cache is refused
     run("train_stage2.py", method="llm2clip", manifest=tiny["manifest"], clip=tiny["clip"], llm=merged, cache=cache,

@@ -20,6 +20,7 @@ import transformers  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 import embedder as EM  # noqa: E402
+import llama as LM  # noqa: E402
 import model as M  # noqa: E402
 from chat_tokenizers import llama3_tokenizer  # noqa: E402
 
@@ -77,7 +78,7 @@ def test_the_folder_is_shaped_like_the_release(release):
 
 def test_loads_without_remote_code_and_matches_hf_bidirectional(release):
     path, hf = release
-    ours = M.Llama.from_pretrained(path).eval()  # bidirectional, as LlamaBiModel
+    ours = LM.Llama.from_pretrained(path).eval()  # bidirectional, as LlamaBiModel
     assert ours.config.tie_word_embeddings and not hasattr(ours, "lm_head")
     assert ours.config.rope_scaling["rope_type"] == "llama3" and ours.config.rope_theta == 500000.0
     assert ours.embed_tokens.weight.dtype == torch.float32  # the file's dtype; torch_dtype is not applied
@@ -95,9 +96,9 @@ def test_loads_without_remote_code_and_matches_hf_bidirectional(release):
     print(f"released layout, bidirectional vs transformers LlamaModel (full mask): max abs err {err:.2e}")
     torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-5)
     # bf16, as the cache and stage 1 run it on a GPU
-    assert M.Llama.from_pretrained(path, dtype=torch.bfloat16).embed_tokens.weight.dtype == torch.bfloat16
+    assert LM.Llama.from_pretrained(path, dtype=torch.bfloat16).embed_tokens.weight.dtype == torch.bfloat16
     # the tied head for generate(): logits through the embedding
-    dec = M.Llama.from_pretrained(path, causal=True, lm_head=True)
+    dec = LM.Llama.from_pretrained(path, causal=True, lm_head=True)
     assert torch.equal(dec.logits(out[:1, :1]), out[:1, :1] @ dec.embed_tokens.weight.T)
 
 def test_tokenizer_offline_and_embed_texts_with_the_llama3_wrap(release):
@@ -108,7 +109,7 @@ def test_tokenizer_offline_and_embed_texts_with_the_llama3_wrap(release):
     tok = M.load_tokenizer(path)
     assert tok.pad_token is None
     assert EM.caption_template(tok, "auto") == "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
-    llm = M.Llama.from_pretrained(path).eval()
+    llm = LM.Llama.from_pretrained(path).eval()
     texts = ["A red shirt on the left of a small blue bag.", "boot", "The large white coat, with black boots!"]
     got = EM.embed_texts(llm, tok, texts, batch_size=2, template="auto")
     for i, t in enumerate(texts):
@@ -122,7 +123,7 @@ def test_export_drops_the_remote_code_pointer(release, tmp_path):
     """save_pretrained (stage 1's merged export) writes a plain Llama folder: no auto_map to a file it does
     not carry; transformers and model.py load it."""
     path, _ = release
-    ours = M.Llama.from_pretrained(path)
+    ours = LM.Llama.from_pretrained(path)
     out = str(tmp_path / "merged")
     ours.save_pretrained(out)
     cfg = json.load(open(os.path.join(out, "config.json")))
@@ -132,4 +133,4 @@ def test_export_drops_the_remote_code_pointer(release, tmp_path):
     with torch.no_grad():
         hf = transformers.AutoModel.from_pretrained(out).eval()
         ref = hf(input_ids=ids, attention_mask=full_mask(torch.ones_like(ids)))
-        torch.testing.assert_close(M.Llama.from_pretrained(out)(ids), ref.last_hidden_state, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(LM.Llama.from_pretrained(out)(ids), ref.last_hidden_state, atol=1e-5, rtol=1e-5)

@@ -12,6 +12,7 @@ import transformers  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import embedder as EM  # noqa: E402
+import llama as LM  # noqa: E402
 import model as M  # noqa: E402
 from train_common import atomic_write, recover  # noqa: E402
 
@@ -181,7 +182,7 @@ def padded_batch(lengths=(11, 6, 3), side="right", vocab=120, pad=0, seed=2):
 
 def test_llama_causal_matches_hf(llama_folder):
     path, hf = llama_folder
-    ours = M.Llama.from_pretrained(path, causal=True).eval()
+    ours = LM.Llama.from_pretrained(path, causal=True).eval()
     for side in ("right", "left"):
         ids, mask = padded_batch(side=side)
         pos = M._positions(mask)  # HF counts positions from 0 at the first column; we count real tokens
@@ -192,7 +193,7 @@ def test_llama_causal_matches_hf(llama_folder):
 
 def test_llama_bidirectional_matches_hf_full_mask(llama_folder):
     path, hf = llama_folder
-    ours = M.Llama.from_pretrained(path).eval()  # bidirectional is the default
+    ours = LM.Llama.from_pretrained(path).eval()  # bidirectional is the default
     ids, mask = padded_batch()
     B, T = ids.shape
     # HF takes a 4D mask as given: every real token sees every real token, no causality
@@ -211,8 +212,8 @@ def test_llama_rope_inv_freq_matches_hf():
     cfg = llama_hf_config(**LLAMA_CASES["llama3_rope"])
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
     ref = LlamaRotaryEmbedding(cfg).inv_freq
-    ours = M.rope_inv_freq(M.llama_config(json.loads(cfg.to_json_string())))
-    assert not torch.equal(ours, M.rope_inv_freq(M.LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=50000.0)))
+    ours = LM.rope_inv_freq(LM.llama_config(json.loads(cfg.to_json_string())))
+    assert not torch.equal(ours, LM.rope_inv_freq(LM.LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=50000.0)))
     torch.testing.assert_close(ours, ref, atol=0, rtol=1e-6)
 
 def test_llama_old_style_rope_config(tmp_path, llama_folder):
@@ -222,13 +223,13 @@ def test_llama_old_style_rope_config(tmp_path, llama_folder):
     rp = raw.pop("rope_parameters")
     raw["rope_theta"] = rp.pop("rope_theta")
     raw["rope_scaling"] = rp if rp.get("rope_type") != "default" else None
-    new = M.llama_config(raw)
-    old = M.llama_config(json.load(open(os.path.join(path, "config.json"))))
+    new = LM.llama_config(raw)
+    old = LM.llama_config(json.load(open(os.path.join(path, "config.json"))))
     assert new == old
 
 def test_padding_side_does_not_change_embeddings(llama_folder):
     path, _ = llama_folder
-    ours = M.Llama.from_pretrained(path).eval()
+    ours = LM.Llama.from_pretrained(path).eval()
     alone = torch.tensor([[5, 17, 33, 8, 91, 2]])
     with torch.no_grad():
         ref = EM.mean_pool(ours(alone), torch.ones_like(alone))[0]
@@ -241,7 +242,7 @@ def test_padding_side_does_not_change_embeddings(llama_folder):
 
 def test_skip_instruction_pools_caption_tokens_only(llama_folder):
     path, _ = llama_folder
-    ours = M.Llama.from_pretrained(path).eval()
+    ours = LM.Llama.from_pretrained(path).eval()
     n_instr = [4, 2, 0]
     for side in ("right", "left"):
         ids, mask = padded_batch(side=side)
@@ -258,7 +259,7 @@ def test_grad_checkpointing_same_gradients(llama_folder):
     ids, mask = padded_batch()
     grads = []
     for ckpt in (False, True):
-        m = M.Llama.from_pretrained(path).train()
+        m = LM.Llama.from_pretrained(path).train()
         m.grad_checkpointing = ckpt
         EM.mean_pool(m(ids, mask), mask).square().sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
@@ -279,10 +280,10 @@ def gqa_folder(tmp_path_factory):
 def test_lora_zero_b_changes_nothing_and_trains_only_adapters(gqa_folder):
     path, _ = gqa_folder
     ids, mask = padded_batch()
-    base = M.Llama.from_pretrained(path).eval()
+    base = LM.Llama.from_pretrained(path).eval()
     with torch.no_grad():
         ref = base(ids, mask)
-    M.add_lora(base, r=4, alpha=8, dropout=0.0)
+    LM.add_lora(base, r=4, alpha=8, dropout=0.0)
     with torch.no_grad():
         assert torch.equal(base(ids, mask), ref)
     trainable = [n for n, p in base.named_parameters() if p.requires_grad]
@@ -290,7 +291,7 @@ def test_lora_zero_b_changes_nothing_and_trains_only_adapters(gqa_folder):
     assert len(trainable) == 2 * 7 * 3  # A and B on seven projections in each of three layers
 
 def lora_model(path, seed=3):
-    m = M.add_lora(M.Llama.from_pretrained(path).eval(), r=4, alpha=8, dropout=0.05)
+    m = LM.add_lora(LM.Llama.from_pretrained(path).eval(), r=4, alpha=8, dropout=0.05)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in m.named_parameters():
@@ -304,8 +305,8 @@ def test_lora_merged_equals_unmerged(gqa_folder):
     m = lora_model(path)
     with torch.no_grad():
         unmerged = m(ids, mask)
-        assert (unmerged - M.Llama.from_pretrained(path)(ids, mask)).abs().max() > 1e-3  # the adapter acts
-        M.merge_lora(m)
+        assert (unmerged - LM.Llama.from_pretrained(path)(ids, mask)).abs().max() > 1e-3  # the adapter acts
+        LM.merge_lora(m)
         assert not any("lora_" in k for k in m.state_dict())
         close(m(ids, mask), unmerged, "LoRA merged vs unmerged")
 
@@ -313,9 +314,9 @@ def test_lora_save_load_roundtrip(gqa_folder, tmp_path):
     path, _ = gqa_folder
     ids, mask = padded_batch()
     m = lora_model(path)
-    M.save_lora(m, str(tmp_path / "lora.safetensors"))
+    LM.save_lora(m, str(tmp_path / "lora.safetensors"))
     assert all("lora_" in k for k in load_file(str(tmp_path / "lora.safetensors")))
-    m2 = M.load_lora(M.Llama.from_pretrained(path).eval(), str(tmp_path / "lora.safetensors"))
+    m2 = LM.load_lora(LM.Llama.from_pretrained(path).eval(), str(tmp_path / "lora.safetensors"))
     with torch.no_grad():
         assert torch.equal(m2(ids, mask), m(ids, mask))
 
@@ -329,7 +330,7 @@ def test_export_merged_loads_in_transformers_and_model(gqa_folder, tmp_path):
     assert any("lora_" in k for k in m.state_dict())  # exporting does not merge the live model
     with torch.no_grad():
         want = m(ids, mask)
-        mine = M.Llama.from_pretrained(out)(ids, mask)
+        mine = LM.Llama.from_pretrained(out)(ids, mask)
         close(mine, want, "exported merged folder, loaded by model.py")
         hf = transformers.AutoModel.from_pretrained(out).eval()
         B, T = ids.shape
@@ -349,7 +350,7 @@ def test_llama_sharded_and_unprefixed(tmp_path):
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state
         for name in ("one", "shards"):
-            out = M.Llama.from_pretrained(str(tmp_path / name), causal=True)(ids, mask)
+            out = LM.Llama.from_pretrained(str(tmp_path / name), causal=True)(ids, mask)
             close(out[mask.bool()], ref[mask.bool()], f"Llama from {name}")
 
 def _copy_folder(src, dst, sd=None, cfg_edit=None):
@@ -370,36 +371,36 @@ def test_bad_input_errors(gqa_folder, clip_folder, tmp_path):
 
     bad = _copy_folder(path, tmp_path / "noweights")
     with pytest.raises(FileNotFoundError, match="noweights: no model.safetensors"):
-        M.Llama.from_pretrained(bad)
+        LM.Llama.from_pretrained(bad)
     torch.save({}, os.path.join(bad, "pytorch_model.bin"))
     with pytest.raises(FileNotFoundError, match="pytorch_model.bin: pickled weights are never loaded"):
-        M.Llama.from_pretrained(bad)
+        LM.Llama.from_pretrained(bad)
 
     with pytest.raises(FileNotFoundError, match="nowhere: not a directory"):
-        M.Llama.from_pretrained(str(tmp_path / "nowhere"))
+        LM.Llama.from_pretrained(str(tmp_path / "nowhere"))
 
     bad = _copy_folder(path, tmp_path / "gpt2", sd, lambda c: c.update(model_type="gpt2"))
     with pytest.raises(ValueError, match="gpt2/config.json: model_type 'gpt2' is not supported"):
-        M.Llama.from_pretrained(bad)
+        LM.Llama.from_pretrained(bad)
 
     bad = _copy_folder(path, tmp_path / "yarn", sd, lambda c: c["rope_parameters"].update(rope_type="yarn"))
     with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
-        M.Llama.from_pretrained(bad)
+        LM.Llama.from_pretrained(bad)
 
     missing = {k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"}
     bad = _copy_folder(path, tmp_path / "missing", missing)
     with pytest.raises(KeyError, match="missing: missing key 'layers.1.mlp.up_proj.weight'"):
-        M.Llama.from_pretrained(bad)
+        LM.Llama.from_pretrained(bad)
 
     bad = _copy_folder(path, tmp_path / "extra", {**sd, "model.layers.0.extra.weight": torch.zeros(2)})
     with pytest.raises(KeyError, match="extra: unexpected key 'layers.0.extra.weight'"):
-        M.Llama.from_pretrained(bad)
+        LM.Llama.from_pretrained(bad)
 
     shapes = {**sd, "model.layers.2.self_attn.k_proj.weight": torch.zeros(48, 96)}
     bad = _copy_folder(path, tmp_path / "shape", shapes)
     with pytest.raises(ValueError, match=r"shape: key 'layers.2.self_attn.k_proj.weight' has shape \(48, 96\), "
                                          r"the config implies \(32, 96\)"):
-        M.Llama.from_pretrained(bad)
+        LM.Llama.from_pretrained(bad)
 
     cpath, _ = clip_folder
     with pytest.raises(ValueError, match="model_type 'llama' is not a CLIP vision model"):

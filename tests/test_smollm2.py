@@ -9,6 +9,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import llama as LM  # noqa: E402
 import model as M  # noqa: E402
 
 pytestmark = pytest.mark.slow  # converts the demo LLM
@@ -36,7 +37,7 @@ def test_smollm2_causal_matches_transformers(smol):
              "dog"]
     enc = tok(texts, return_tensors="pt", padding=True)
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    ours = M.Llama.from_pretrained(smol, causal=True).eval()
+    ours = LM.Llama.from_pretrained(smol, causal=True).eval()
     hf = AutoModel.from_pretrained(smol, attn_implementation="sdpa").eval()
     with torch.no_grad():
         out = ours(ids, mask)
@@ -50,7 +51,7 @@ def test_smollm2_causal_matches_transformers(smol):
 
 def test_smollm2_greedy_answers_paris(smol):
     tok = M.load_tokenizer(smol)
-    ours = M.Llama.from_pretrained(smol, causal=True).eval()
+    ours = LM.Llama.from_pretrained(smol, causal=True).eval()
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     out = ours.generate(prompt, max_new_tokens=20, eos_token_id=tok.eos_token_id)
@@ -77,7 +78,7 @@ def test_keep_layers_is_the_first_layers_then_the_final_norm(tmp_path):
     full.save_pretrained(tmp_path)
     cut = AutoModel.from_pretrained(tmp_path).eval()
     assert cut.config.num_hidden_layers == 2 and len(cut.layers) == 2
-    ours = M.Llama.from_pretrained(str(tmp_path), causal=True).eval()
+    ours = LM.Llama.from_pretrained(str(tmp_path), causal=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(cut(input_ids=ids).last_hidden_state, want)
         torch.testing.assert_close(ours(ids, torch.ones_like(ids)), want, atol=1e-5, rtol=1e-5)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import embedder as EM  # noqa: E402
+import llama as LM  # noqa: E402
 import model as M  # noqa: E402
 from chat_tokenizers import chatml_tokenizer, llama3_tokenizer  # noqa: E402
 from tiny import ROOT, word_tokenizer  # noqa: E402
@@ -126,9 +127,9 @@ def test_embed_texts_pools_caption_and_tail(toks, kind):
     tok = toks[kind]
     head, tail = EM.caption_template(tok, "auto").split("{}")
     torch.manual_seed(0)
-    cfg = M.LlamaConfig(vocab_size=len(tok.get_vocab()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LM.LlamaConfig(vocab_size=len(tok.get_vocab()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2)
-    llm = M.Llama(cfg).eval()
+    llm = LM.Llama(cfg).eval()
     texts = CAPTIONS + ["a small green dress"]
     for instruction in ("", INSTR):
         got = EM.embed_texts(llm, tok, texts, instruction, batch_size=3, template="auto")

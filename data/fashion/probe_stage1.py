@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import embedder as EM  # noqa: E402
+import llama as LM  # noqa: E402
 import model as M  # noqa: E402
 
 model, data, n, attention, template = "data/smollm2/hf", "data/fashion/out", 200, "bidirectional", "auto"
@@ -25,7 +26,7 @@ PAIRS = [("short", "long"), ("long", "short"), ("long", "long"), ("long", "de"),
 if __name__ == "__main__":
     from configurator import configure
     configure(globals())
-    llm = M.Llama.from_pretrained(model, dtype=torch.bfloat16, causal=attention == "causal").eval()
+    llm = LM.Llama.from_pretrained(model, dtype=torch.bfloat16, causal=attention == "causal").eval()
     tok = M.load_tokenizer(model)
     tmpl = EM.caption_template(tok, template)
     EM.check_embedder(model, EM.EmbedSpec(INSTRUCTION, 512, tmpl, attention))
