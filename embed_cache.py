@@ -1,33 +1,40 @@
-"""
-Run the frozen LLM once over every caption of a manifest and write a memory-mapped embedding cache, so
-that stage 2 never runs the LLM (LLM2CLIP: 17 h with a LoRA-tuned LLM in the loop, 1.3 h with a frozen
-LLM and cached embeddings, same or better accuracy).
+r"""
+Run the frozen LLM once over every caption of a manifest and write a memory-mapped embedding cache,
+so that stage 2 never runs the LLM (LLM2CLIP: 17 h with a LoRA-tuned LLM in the loop, 1.3 h with a
+frozen LLM and cached embeddings, same or better accuracy).
 
-    python embed_cache.py --manifest=data/fashion/out/train.jsonl --model=data/smollm2/hf --out_dir=out/cache/train
+    python embed_cache.py --manifest=data/fashion/out/train.jsonl --model=data/smollm2/hf \
+        --out_dir=out/cache/train
     torchrun --standalone --nproc_per_node=8 embed_cache.py --manifest=... --model=... --out_dir=...
 
-In:  a JSONL manifest (manifest.py; indexed on first use) and an HF Llama folder (raw, or merged after stage 1).
-Out: out_dir/<field>.npy  (rows = that field's captions in manifest order, see manifest.Manifest.rows;
-                           L2-normalised mean-pooled embeddings, float16; read with np.load(mmap_mode="r"))
-     out_dir/meta.json    (count and caption fingerprint per field, dim, dtype, pooling, instruction, max
-                           length, caption template, model fingerprint, "complete", and the over-length report)
+In:  a JSONL manifest (manifest.py; indexed on first use) and an HF Llama folder (raw, or merged
+     after stage 1).
+Out: out_dir/<field>.npy  (rows = that field's captions in manifest order, see
+                           manifest.Manifest.rows; L2-normalised mean-pooled embeddings, float16;
+                           read with np.load(mmap_mode="r"))
+     out_dir/meta.json    (count and caption fingerprint per field, dim, dtype, pooling,
+                           instruction, max length, caption template, model fingerprint, "complete",
+                           and the over-length report)
      out_dir/done/        (one small JSON file per finished chunk: the resume record)
-Chunks of `chunk_size` captions go round-robin to the ranks, which write their rows into the same files.
-Inside a chunk captions are length-sorted into batches. Killed at any moment and run again, it redoes only
-unfinished chunks. A cache whose fingerprints do not match the model or manifest is refused.
+Chunks of `chunk_size` captions go round-robin to the ranks, which write their rows into the same
+files. Inside a chunk captions are length-sorted into batches. Killed at any moment and run again,
+it redoes only unfinished chunks. A cache whose fingerprints do not match the model or manifest is
+refused.
 
-Scale (10M+ captions, D up to 4096: an 80 GB fp16 file per 10M rows): no field is ever held in memory.
-A chunk's texts are read from the manifest through its index (one read of the lines that hold them), its
-rows are written through a memory map of those rows only. The caption fingerprints come from the manifest
-index (computed once, when the manifest was indexed); the model's sha256 is cached per file size, mtime
-and inode (in ~/.cache/nano-llm2clip/fingerprints.json), so a start rehashes nothing that did not change.
+Scale (10M+ captions, D up to 4096: an 80 GB fp16 file per 10M rows): no field is ever held in
+memory. A chunk's texts are read from the manifest through its index (one read of the lines that
+hold them), its rows are written through a memory map of those rows only. The caption fingerprints
+come from the manifest index (computed once, when the manifest was indexed); the model's sha256 is
+cached per file size, mtime and inode (in ~/.cache/nano-llm2clip/fingerprints.json), so a start
+rehashes nothing that did not change.
 
-Bytes: a chunk's rows depend only on its captions and the settings in meta.json (model, compute dtype,
-batch size, chunk size, instruction, max length, template), never on which rank ran it or what ran before, so a
-resumed or multi-rank cache equals a one-process uninterrupted one byte for byte *on the same kernels*:
-the same device and the same number of CPU threads (torchrun sets OMP_NUM_THREADS=1 per rank; a plain
-`python` uses every core). fp32 reductions may round differently with another thread count on some
-CPUs (AMD EPYC here): then rows differ in the last fp16 bit, not more.
+Bytes: a chunk's rows depend only on its captions and the settings in meta.json (model, compute
+dtype, batch size, chunk size, instruction, max length, template), never on which rank ran it or
+what ran before, so a resumed or multi-rank cache equals a one-process uninterrupted one byte for
+byte *on the same kernels*: the same device and the same number of CPU threads (torchrun sets
+OMP_NUM_THREADS=1 per rank; a plain `python` uses every core). fp32 reductions may round differently
+with another thread count on some CPUs (AMD EPYC here): then rows differ in the last fp16 bit, not
+more.
 
 Captions longer than max_length tokens (instruction and BOS included) keep their first tokens and
 lose the rest (embedder.tokenize_for_embedding); the cache counts them per field and reports, once,
@@ -45,9 +52,10 @@ without template or attention reads as made with no wrap and bidirectional atten
 (embedder.read_spec). A stage-1 folder's embedder.json says how stage 1 embedded captions; another
 attention or template here is refused (embedder.check_embedder).
 
-Integrity: on every open (open_cache, and embed_cache.py itself) each field's .npy must have the header,
-rows, width and dtype meta.json records and its full size; a damaged file is named with the fix (run
-embed_cache.py again: it redoes a damaged field; a meta.json that does not parse means deleting the folder).
+Integrity: on every open (open_cache, and embed_cache.py itself) each field's .npy must have the
+header, rows, width and dtype meta.json records and its full size; a damaged file is named with the
+fix (run embed_cache.py again: it redoes a damaged field; a meta.json that does not parse means
+deleting the folder).
 """
 
 import json
@@ -68,16 +76,20 @@ from train_common import model_fingerprint, setup_distributed, teardown_distribu
 
 # -----------------------------------------------------------------------------
 manifest = "data/fashion/out/train.jsonl"
-index_dir = ""                   # where the manifest's index goes; "" = beside it (<manifest>.index/)
+index_dir = ""                   # where the manifest's index goes; "" = beside it
+                                 # (<manifest>.index/)
 model = "data/smollm2/hf"        # HF Llama folder
 out_dir = "out/cache/train"
 fields = ""                      # comma-separated caption fields; "" = every field of the manifest
 instruction = ""                 # prepended and attended to, not pooled; "" = none
-template = "auto"                # caption template (embedder.caption_template): "auto" = the chat wrap the tokenizer's
-                                 # vocabulary implies (Llama 3's user turn, ChatML, or none); "none"; or "...{}..."
-attention = "bidirectional"      # the LLM's attention: "bidirectional" (LLM2Vec / LLM2CLIP) or "causal" (the
-                                 # plain decoder); as stage 1 trained the model (its embedder.json says which)
-max_length = 512                 # tokens per caption (instruction included); longer ones are cut and reported
+template = "auto"                # caption template (embedder.caption_template): "auto" = the chat
+                                 # wrap the tokenizer's vocabulary implies (Llama 3's user turn,
+                                 # ChatML, or none); "none"; or "...{}..."
+attention = "bidirectional"      # the LLM's attention: "bidirectional" (LLM2Vec / LLM2CLIP) or
+                                 # "causal" (the plain decoder); as stage 1 trained the model (its
+                                 # embedder.json says which)
+max_length = 512                 # tokens per caption (instruction included); longer ones are cut
+                                 # and reported
 batch_size = 64
 chunk_size = 2048                # captions per resumable unit of work
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
@@ -88,11 +100,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 # integrity
 
 def npy_layout(path):
-    """(shape, dtype, data offset) of an .npy from its header; ValueError naming the file if unreadable."""
+    """(shape, dtype, data offset) of an .npy from its header; ValueError naming the file if
+    unreadable."""
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                    np.lib.format.read_array_header_2_0)
             shape, fortran, dt = read(f)
             return shape, dt, f.tell()
     except (OSError, ValueError, EOFError) as e:
@@ -123,29 +137,32 @@ def read_meta(cache_dir):
                                        f"embed_cache.py again to rebuild it")
 
 def open_cache(cache_dir, field, model_path=None, manifest=None):
-    """The (N, D) float16 memmap of one field, after checking the cache is complete and intact, was made
-    by this model (fingerprint of `model_path`) and from these captions (`manifest`: a manifest.Manifest,
-    or a manifest path, whose index holds the captions' fingerprint)."""
+    """The (N, D) float16 memmap of one field, after checking the cache is complete and intact, was
+    made by this model (fingerprint of `model_path`) and from these captions (`manifest`: a
+    manifest.Manifest, or a manifest path, whose index holds the captions' fingerprint)."""
     meta_path = os.path.join(cache_dir, "meta.json")
     _, meta = read_meta(cache_dir)
     if not meta.get("complete"):
-        raise ValueError(f"{meta_path}: the cache is incomplete; run embed_cache.py again to finish it")
+        raise ValueError(f"{meta_path}: the cache is incomplete; run embed_cache.py again to "
+                         f"finish it")
     if field not in meta["fields"]:
         raise KeyError(f"{meta_path}: no field {field!r} (has {sorted(meta['fields'])})")
     if "captions_fingerprint" not in meta["fields"][field]:
-        raise ValueError(f"{meta_path}: made by an older embed_cache.py (no caption fingerprint); rebuild the cache")
+        raise ValueError(f"{meta_path}: made by an older embed_cache.py (no caption fingerprint); "
+                         f"rebuild the cache")
     path = os.path.join(cache_dir, f"{field}.npy")
     why = npy_fault(path, meta["fields"][field]["count"], meta["dim"])
     if why:
-        raise ValueError(f"{path}: damaged: {why}; run embed_cache.py again with the same settings (it redoes "
-                         f"a damaged field) or delete {cache_dir} and rebuild it")
+        raise ValueError(f"{path}: damaged: {why}; run embed_cache.py again with the same settings "
+                         f"(it redoes a damaged field) or delete {cache_dir} and rebuild it")
     if model_path is not None and meta["model_sha256"] != model_fingerprint(model_path):
         raise ValueError(f"{meta_path}: made by another model ({meta['model']}) than {model_path}: "
                          f"rebuild the cache with this model")
     if manifest is not None:
         man = manifest if isinstance(manifest, Manifest) else Manifest(manifest)
         if meta["fields"][field]["captions_fingerprint"] != man.fingerprint(field):
-            raise ValueError(f"{meta_path}: field {field!r} was made from other captions than {man.path}")
+            raise ValueError(f"{meta_path}: field {field!r} was made from other captions than "
+                             f"{man.path}")
     return np.load(path, mmap_mode="r")
 
 # -----------------------------------------------------------------------------
@@ -157,32 +174,37 @@ def _touch(path, record):
 
 def over_length(tok, texts, max_length, template=""):
     """(count, longest in tokens, its index) of texts that need more than max_length tokens with the
-    instruction and the (resolved) caption template. Each token covers at least one byte, plus at most 2
-    tokens of prefix space and BOS, so only texts longer than that many bytes beyond an empty caption's
-    tokens (instruction, template head and tail) are tokenized (captions that surely fit cost nothing)."""
+    instruction and the (resolved) caption template. Each token covers at least one byte, plus at
+    most 2 tokens of prefix space and BOS, so only texts longer than that many bytes beyond an empty
+    caption's tokens (instruction, template head and tail) are tokenized (captions that surely fit
+    cost nothing)."""
     prefix = len(EM.tokenize_for_embedding(tok, [""], instruction, 10 ** 9, template)[0][0])
     maybe = [i for i, t in enumerate(texts) if len(t.encode("utf-8")) + prefix + 2 > max_length]
     if not maybe:
         return 0, 0, -1
-    ids, _ = EM.tokenize_for_embedding(tok, [texts[i] for i in maybe], instruction, 10 ** 9, template)
+    ids, _ = EM.tokenize_for_embedding(tok, [texts[i] for i in maybe], instruction, 10 ** 9,
+                                       template)
     lens = [len(x) for x in ids]
     k = int(np.argmax(lens))
     return sum(n > max_length for n in lens), lens[k], maybe[k]
 
 def write_rows(path, start, emb):
-    """emb (n, D) float16 into rows start.. of the .npy at path, through a map of those rows only (an 80 GB
-    field is never mapped, or flushed, whole)."""
+    """emb (n, D) float16 into rows start.. of the .npy at path, through a map of those rows only
+    (an 80 GB field is never mapped, or flushed, whole)."""
     _, _, offset = npy_layout(path)
-    rows = np.memmap(path, dtype=np.float16, mode="r+", offset=offset + start * emb.shape[1] * 2, shape=emb.shape)
+    rows = np.memmap(path, dtype=np.float16, mode="r+", offset=offset + start * emb.shape[1] * 2,
+                     shape=emb.shape)
     rows[:] = emb
     rows.flush()
     del rows
 
 def main():
-    from configurator import check  # one line per bad setting; out_dir must be writable before any work
+    # one line per bad setting; out_dir must be writable before any work
+    from configurator import check
     check(globals(), positive=("batch_size", "chunk_size", "max_length"), folders=("out_dir",),
           choices={"dtype": DTYPES, "attention": EM.ATTENTION})
-    # gloo even on GPUs: the ranks only meet at barriers, and uneven work must not trip NCCL's watchdog
+    # gloo even on GPUs: the ranks only meet at barriers, and uneven work must not trip NCCL's
+    # watchdog
     ddp, rank, world, device = setup_distributed("gloo")
     barrier = dist.barrier if ddp else (lambda: None)
 
@@ -191,16 +213,20 @@ def main():
     for f in names:
         man.ptr(f)  # a field no record has: KeyError naming the manifest and its fields
     counts = {f: man.n_rows(f) for f in names}
-    llm = LM.Llama.from_pretrained(model, dtype=getattr(torch, dtype), causal=attention == "causal").to(device).eval()
+    llm = LM.Llama.from_pretrained(model, dtype=getattr(torch, dtype),
+                                   causal=attention == "causal").to(device).eval()
     tok = M.load_tokenizer(model)
-    tmpl = EM.caption_template(tok, template)  # the resolved string ("" = no wrap): what meta.json records
+    # the resolved string ("" = no wrap): what meta.json records
+    tmpl = EM.caption_template(tok, template)
     spec = EM.EmbedSpec(instruction, max_length, tmpl, attention)
     EM.check_embedder(model, spec)
     meta_path = os.path.join(out_dir, "meta.json")
-    # rank 0 checks an existing cache and (re)writes meta.json; the others read its verdict after the barrier
+    # rank 0 checks an existing cache and (re)writes meta.json; the others read its verdict after
+    # the barrier
     if rank == 0:
-        # compute dtype and batch size are part of the identity: batches of another size or precision
-        # would give other bytes, and a resumed cache must be byte-identical to an uninterrupted one
+        # compute dtype and batch size are part of the identity: batches of another size or
+        # precision would give other bytes, and a resumed cache must be byte-identical to an
+        # uninterrupted one
         per_field = {f: dict(count=counts[f], captions_fingerprint=man.fingerprint(f))
                      for f in names}
         meta = EM.put_spec(dict(model=model, model_sha256=model_fingerprint(model),
@@ -212,12 +238,13 @@ def main():
         if os.path.isfile(meta_path):  # resume: only into a cache made with exactly these settings
             _, old = read_meta(out_dir)
             if any("captions_fingerprint" not in v for v in old.get("fields", {}).values()):
-                raise ValueError(f"{meta_path}: a cache made by an older embed_cache.py (caption fingerprints of "
-                                 f"another kind); delete {out_dir} and run again to rebuild it")
+                raise ValueError(f"{meta_path}: a cache made by an older embed_cache.py (caption "
+                                 f"fingerprints of another kind); delete {out_dir} and run again "
+                                 f"to rebuild it")
             diff = [k for k in meta if old.get(k) != meta[k] and k not in ("model", "manifest")]
             if diff:
-                raise ValueError(f"{meta_path}: an existing cache made with other {', '.join(diff)}; "
-                                 f"delete {out_dir} or choose another out_dir")
+                raise ValueError(f"{meta_path}: an existing cache made with other "
+                                 f"{', '.join(diff)}; delete {out_dir} or choose another out_dir")
             for f in names:  # integrity: a damaged field is redone, never reported complete
                 path = os.path.join(out_dir, f"{f}.npy")
                 why = npy_fault(path, counts[f], meta["dim"])
@@ -233,31 +260,37 @@ def main():
             write_json(meta_path, {**meta, "complete": False})
             for f in names:
                 path = os.path.join(out_dir, f"{f}.npy")
-                if not os.path.isfile(path):  # create under a temporary name: a kill leaves no half header
-                    arr = open_memmap(path + ".tmp.npy", mode="w+", dtype=np.float16, shape=(counts[f], meta["dim"]))
+                # create under a temporary name: a kill leaves no half header
+                if not os.path.isfile(path):
+                    arr = open_memmap(path + ".tmp.npy", mode="w+", dtype=np.float16,
+                                      shape=(counts[f], meta["dim"]))
                     del arr
                     os.replace(path + ".tmp.npy", path)
     barrier()  # (a rank 0 that raised above takes the others down with it: torchrun ends the job)
     _, meta = read_meta(out_dir)
     if meta["complete"]:
-        print(f"{out_dir}: complete already (every field intact), nothing to do") if rank == 0 else None
+        print(f"{out_dir}: complete already (every field intact), "
+              f"nothing to do") if rank == 0 else None
         return
 
     work = [(f, c) for f in names for c in range((counts[f] + chunk_size - 1) // chunk_size)]
     mine = [(f, c) for i, (f, c) in enumerate(work) if i % world == rank]
-    todo = [(f, c) for f, c in mine if not os.path.exists(os.path.join(out_dir, "done", f"{f}.{c:06d}"))]
+    todo = [(f, c) for f, c in mine
+            if not os.path.exists(os.path.join(out_dir, "done", f"{f}.{c:06d}"))]
     n_caps = sum(min(chunk_size, counts[f] - c * chunk_size) for f, c in todo)
     bar = tqdm(total=n_caps, unit="cap", disable=rank != 0, desc=f"embedding (rank 0 of {world})")
     t0 = time.time()
     for f, c in todo:
         start = c * chunk_size
-        texts = man.texts(f, start, start + chunk_size)  # this chunk's captions only, read from the manifest
+        # this chunk's captions only, read from the manifest
+        texts = man.texts(f, start, start + chunk_size)
         n_over, longest, at = over_length(tok, texts, max_length, tmpl)
         emb = EM.embed_texts(llm, tok, texts, instruction, max_length, batch_size, tmpl)
         write_rows(os.path.join(out_dir, f"{f}.npy"), start, emb.to(torch.float16).cpu().numpy())
         # only after the rows are on disk
         _touch(os.path.join(out_dir, "done", f"{f}.{c:06d}"),
-               dict(rows=len(texts), over=n_over, longest=longest, longest_row=start + at if at >= 0 else -1))
+               dict(rows=len(texts), over=n_over, longest=longest,
+                    longest_row=start + at if at >= 0 else -1))
         bar.update(len(texts))
     bar.close()
     if rank == 0 and todo:
@@ -265,9 +298,11 @@ def main():
         print(f"rank 0: {n_caps} captions in {dt:.1f}s ({n_caps / dt:.1f} captions/s)")
     barrier()
     if rank == 0:
-        missing = [(f, c) for f, c in work if not os.path.exists(os.path.join(out_dir, "done", f"{f}.{c:06d}"))]
+        missing = [(f, c) for f, c in work
+                   if not os.path.exists(os.path.join(out_dir, "done", f"{f}.{c:06d}"))]
         if missing:
-            raise RuntimeError(f"{out_dir}: chunks {missing[:5]} were not finished; run again to complete")
+            raise RuntimeError(f"{out_dir}: chunks {missing[:5]} were not finished; run again to "
+                               f"complete")
         meta["over_length"] = report_over_length(man, names, counts)
         write_json(meta_path, {**meta, "complete": True})
         print(f"wrote {out_dir}: " + ", ".join(f"{f} {counts[f]}x{meta['dim']}" for f in names))
@@ -290,8 +325,9 @@ def report_over_length(man, names, counts):
         if n:
             line = man.image_of_row(f, row) + 1
             out[f] = dict(captions=n, longest_tokens=longest, longest_line=line)
-            print(f"{man.path}: field {f!r}: {n} caption(s) longer than max_length={max_length} tokens (longest "
-                  f"{longest} tokens, line {line}); each keeps its first {max_length} tokens (instruction included)")
+            print(f"{man.path}: field {f!r}: {n} caption(s) longer than max_length={max_length} "
+                  f"tokens (longest {longest} tokens, line {line}); each keeps its first "
+                  f"{max_length} tokens (instruction included)")
     return out
 
 if __name__ == "__main__":

@@ -25,29 +25,34 @@ import torch.nn.functional as F
 
 def mean_pool(hidden, mask):
     """(B, T, D), (B, T) 0/1 -> (B, D) fp32: mean over the tokens where mask is 1 (fp32 whatever the
-    model's dtype, so a bf16 model's embedding is not rounded before it is normalised and stored)."""
+    model's dtype, so a bf16 model's embedding is not rounded before it is normalised and
+    stored)."""
     m = mask.to(torch.float32).unsqueeze(-1)
     return (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 def skip_instruction(attention_mask, n_instruction):
-    """The pooling mask that drops the first n_instruction[i] real tokens of each row (LLM2Vec's "skip
-    instruction": the instruction is attended to but not pooled). Works with padding on either side."""
+    """The pooling mask that drops the first n_instruction[i] real tokens of each row (LLM2Vec's
+    "skip instruction": the instruction is attended to but not pooled). Works with padding on either
+    side."""
     n = torch.as_tensor(n_instruction, device=attention_mask.device).reshape(-1, 1)
     real = attention_mask.bool()
     rank = attention_mask.long().cumsum(-1)  # 1 for the first real token, 2 for the next, ...
     return (real & (rank > n)).to(attention_mask.dtype)
 
-# Caption templates: how a chat model sees a caption. LLM2CLIP's code (through LLM2Vec) wraps every caption
-# of a Llama-3-Instruct model in a user turn written out by hand (not apply_chat_template), in stage 1, in
-# the embedding cache and in evaluation alike; the tokenizer adds <|begin_of_text|> in front.
+# Caption templates: how a chat model sees a caption. LLM2CLIP's code (through LLM2Vec) wraps every
+# caption of a Llama-3-Instruct model in a user turn written out by hand (not apply_chat_template),
+# in stage 1, in the embedding cache and in evaluation alike; the tokenizer adds <|begin_of_text|>
+# in front.
 LLAMA3_TEMPLATE = "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"  # the official string
-CHATML_TEMPLATE = "<|im_start|>user\n{}<|im_end|>"  # LLM2Vec's wrap for Qwen2; SmolLM2-Instruct's chat format
+# LLM2Vec's wrap for Qwen2; SmolLM2-Instruct's chat format
+CHATML_TEMPLATE = "<|im_start|>user\n{}<|im_end|>"
 
 def caption_template(tokenizer, setting="auto"):
-    """The caption template that `setting` means for this tokenizer: a format string with one "{}", or ""
-    for none. "auto": LLAMA3_TEMPLATE when the vocabulary has <|start_header_id|>, <|end_header_id|> and
-    <|eot_id|>; else CHATML_TEMPLATE when it has <|im_start|> and <|im_end|>; else "" (no chat format).
-    "none" or "": no wrap. Anything else is a template, used as given (it must hold "{}" exactly once)."""
+    """The caption template that `setting` means for this tokenizer: a format string with one "{}",
+    or "" for none. "auto": LLAMA3_TEMPLATE when the vocabulary has <|start_header_id|>,
+    <|end_header_id|> and <|eot_id|>; else CHATML_TEMPLATE when it has <|im_start|> and <|im_end|>;
+    else "" (no chat format). "none" or "": no wrap. Anything else is a template, used as given (it
+    must hold "{}" exactly once)."""
     if setting in ("", "none"):
         return ""
     if setting == "auto":
@@ -58,42 +63,47 @@ def caption_template(tokenizer, setting="auto"):
             return CHATML_TEMPLATE
         return ""
     if setting.count("{}") != 1:
-        raise ValueError(f"caption template {setting!r}: expected 'auto', 'none', or a format string with "
-                         f"one '{{}}' where the caption goes")
+        raise ValueError(f"caption template {setting!r}: expected 'auto', 'none', or a format "
+                         f"string with one '{{}}' where the caption goes")
     return setting
 
-ATTENTION = ("bidirectional", "causal")  # how a Llama embeds: LLM2Vec's bidirectional mask, or the decoder's own
+# how a Llama embeds: LLM2Vec's bidirectional mask, or the decoder's own
+ATTENTION = ("bidirectional", "causal")
 
 def tokenize_for_embedding(tokenizer, texts, instruction="", max_length=512, template=""):
     """Texts -> (token id lists, prefix lengths). A row is
         [BOS if the tokenizer adds one] + head + instruction + caption + tail
-    where template = head + "{}" + tail (a setting of caption_template: "auto" is resolved here; "" = no
-    wrap; the scripts pass their `template` setting, "auto" by default). The prefix (BOS, head, instruction) is
-    attended to but left out of the pooling by `skip_instruction`; the caption's tokens and the tail are
-    pooled (LLM2CLIP pools Llama 3's <|eot_id|>), so queries (with an instruction) and keys (without) pool
-    the same kind of tokens, never BOS, the chat header or the instruction (LLM2Vec's rule). Over
-    max_length the caption loses its last tokens and the tail is kept (the official code cuts the whole
-    string, tail included: a difference only for captions over max_length). Inside a template the caption
-    is stripped of surrounding whitespace, as the official wrap does. The pieces are tokenized apart; for
-    the two chat templates that gives the ids of the whole string (they meet at special tokens and
-    newlines, where Llama 3's and SmolLM2's pre-tokenizers split anyway)."""
+    where template = head + "{}" + tail (a setting of caption_template: "auto" is resolved here;
+    "" = no wrap; the scripts pass their `template` setting, "auto" by default). The prefix (BOS,
+    head, instruction) is attended to but left out of the pooling by `skip_instruction`; the
+    caption's tokens and the tail are pooled (LLM2CLIP pools Llama 3's <|eot_id|>), so queries (with
+    an instruction) and keys (without) pool the same kind of tokens, never BOS, the chat header or
+    the instruction (LLM2Vec's rule). Over max_length the caption loses its last tokens and the tail
+    is kept (the official code cuts the whole string, tail included: a difference only for captions
+    over max_length). Inside a template the caption is stripped of surrounding whitespace, as the
+    official wrap does. The pieces are tokenized apart; for the two chat templates that gives the
+    ids of the whole string (they meet at special tokens and newlines, where Llama 3's and SmolLM2's
+    pre-tokenizers split anyway)."""
     template = caption_template(tokenizer, template)
     head, tail = template.split("{}") if template else ("", "")
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
     probe = tokenizer("a")["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id else []
+    bos = ([tokenizer.bos_token_id]
+           if tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id else [])
     head_ids, tail_ids, instr = enc(head), enc(tail), enc(instruction)
     if bos and head_ids[:1] == bos:
-        raise ValueError(f"caption template {template!r} starts with the BOS token, which the tokenizer adds itself: "
-                         f"leave it out of the template")
+        raise ValueError(f"caption template {template!r} starts with the BOS token, which the "
+                         f"tokenizer adds itself: leave it out of the template")
     prefix = bos + head_ids + instr
     room = max_length - len(prefix) - len(tail_ids)
     if room < 1:
-        raise ValueError(f"max_length {max_length} leaves no room for the caption after the template and the instruction")
+        raise ValueError(f"max_length {max_length} leaves no room for the caption after the "
+                         f"template and the instruction")
     if template:
         texts = [t.strip() for t in texts]
     # with an instruction the caption follows it after a space, as in the text "instruction caption"
-    captions = tokenizer([" " + t if instruction else t for t in texts], add_special_tokens=False)["input_ids"]
+    captions = tokenizer([" " + t if instruction else t for t in texts],
+                         add_special_tokens=False)["input_ids"]
     ids = [prefix + c[:room] + tail_ids for c in captions]
     return ids, [len(prefix)] * len(ids)
 
@@ -109,10 +119,11 @@ def pad_batch(ids, pad_id=0, device=None):
 
 @torch.no_grad()
 def embed_texts(llm, tokenizer, texts, instruction="", max_length=512, batch_size=64, template=""):
-    """Mean-pooled, L2-normalised fp32 embeddings (N, D) of texts, in their order, each caption wrapped in
-    `template` (see tokenize_for_embedding and caption_template). Batches are formed
-    from length-sorted texts (little padding); the result does not depend on the order of `texts`'s rows
-    beyond that batching. Identical texts are embedded once (the demo's short captions repeat ~45x)."""
+    """Mean-pooled, L2-normalised fp32 embeddings (N, D) of texts, in their order, each caption
+    wrapped in `template` (see tokenize_for_embedding and caption_template). Batches are formed from
+    length-sorted texts (little padding); the result does not depend on the order of `texts`'s rows
+    beyond that batching. Identical texts are embedded once (the demo's short captions repeat
+    ~45x)."""
     template = caption_template(tokenizer, template)  # resolved once, not per batch
     uniq = list(dict.fromkeys(texts))
     if len(uniq) < len(texts):
@@ -126,7 +137,8 @@ def embed_texts(llm, tokenizer, texts, instruction="", max_length=512, batch_siz
     for s in range(0, len(order), batch_size):
         rows = order[s:s + batch_size]
         input_ids, mask = pad_batch([ids[i] for i in rows], device=dev)
-        pooled = mean_pool(llm(input_ids, mask), skip_instruction(mask, [n_prefix[i] for i in rows]))
+        pooled = mean_pool(llm(input_ids, mask),
+                           skip_instruction(mask, [n_prefix[i] for i in rows]))
         out[torch.tensor(rows, device=dev)] = F.normalize(pooled.float(), dim=-1)
     return out
 

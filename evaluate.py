@@ -1,72 +1,85 @@
 """
-Evaluation (docs/design.md, Evaluation): image-text retrieval R@1/5/10 both ways, zero-shot classification with
-templates, caption-to-caption retrieval. One model per run; the baseline (a CLIP with its own text tower)
-goes through the same code as the LLM models. Two ways to call it:
+Evaluation (docs/design.md, Evaluation): image-text retrieval R@1/5/10 both ways, zero-shot
+classification with templates, caption-to-caption retrieval. One model per run; the baseline (a CLIP
+with its own text tower) goes through the same code as the LLM models. Two ways to call it:
 
-The papers' benchmarks, several in one call, each with its paper's protocol, printed as the papers' table
-(the folders are what data/<set>/prepare.py wrote; the name before "=" picks the protocol):
-    E=data/eval; python evaluate.py --model=out/llm2clip/model --name=llm2clip --out=out/eval/llm2clip.json \\
-        --benchmarks=flickr30k=$E/flickr30k,coco=$E/coco,sharegpt4v=$E/sharegpt4v,urban1k=$E/urban1k,docci=$E/docci,xm3600=$E/xm3600,imagenet=$E/imagenet \\
-        --caches=flickr30k=out/cache/eval_flickr30k,coco=out/cache/eval_coco   # stage 2, optional, per benchmark
+The papers' benchmarks, several in one call, each with its paper's protocol, printed as the papers'
+table (the folders are what data/<set>/prepare.py wrote; the name before "=" picks the protocol):
+    E=data/eval
+    B=flickr30k=$E/flickr30k,coco=$E/coco,sharegpt4v=$E/sharegpt4v,urban1k=$E/urban1k,docci=$E/docci
+    B=$B,xm3600=$E/xm3600,imagenet=$E/imagenet
+    # caches: stage 2, optional, per benchmark
+    C=flickr30k=out/cache/eval_flickr30k,coco=out/cache/eval_coco
+    python evaluate.py --model=out/llm2clip/model --name=llm2clip --out=out/eval/llm2clip.json \\
+        --benchmarks=$B --caches=$C
 One manifest with the demo's fields (the settings `manifest` ... `cache` below; `benchmarks` empty):
-    python evaluate.py --model=out/demo/base_clip/model --name=base_clip                       # a CLIP
-    python evaluate.py --model=out/demo/llm2clip/model --cache=out/demo/cache/llm2clip_test   # stage 2, cached
-    python evaluate.py --model=out/demo/llm2clip/model                                        # runs the LLM
-    python evaluate.py --model=data/smollm2/hf --out=out/c2c.json                             # an LLM: c2c only
+    python evaluate.py --model=out/demo/base_clip/model --name=base_clip      # a CLIP
+    python evaluate.py --model=out/demo/llm2clip/model \\
+        --cache=out/demo/cache/llm2clip_test                                  # stage 2, cached
+    python evaluate.py --model=out/demo/llm2clip/model                        # runs the LLM
+    python evaluate.py --model=data/smollm2/hf --out=out/c2c.json             # an LLM: c2c only
 
 In: `model`, one of three kinds of folder, told apart by their files:
-  * stage 2 (train_stage2.py; adaptor.json + text.json): the image tower (an HF CLIP or SigLIP vision
-    folder, loaded by model.load_image_tower) and, for text, normalize(adaptor(e)) with e the embedding of
-    the LLM named in text.json, made with its instruction, max length and caption template. Caption
-    embeddings come from a cache (embed_cache.py over the same manifest by that very LLM with those very
-    settings: all checked, a mismatch refused) or from running the LLM; prompts that are not manifest
-    captions (zero-shot) always run it. The LLM is loaded only if some text needs it.
+  * stage 2 (train_stage2.py; adaptor.json + text.json): the image tower (an HF CLIP or SigLIP
+    vision folder, loaded by model.load_image_tower) and, for text, normalize(adaptor(e)) with e the
+    embedding of the LLM named in text.json, made with its instruction, max length and caption
+    template. Caption embeddings come from a cache (embed_cache.py over the same manifest by that
+    very LLM with those very settings: all checked, a mismatch refused) or from running the LLM;
+    prompts that are not manifest captions (zero-shot) always run it. The LLM is loaded only if some
+    text needs it.
   * an HF CLIP folder (model_type "clip", with its tokenizer): the ViT and CLIP's own text tower,
-    inputs truncated to its context like CLIP. (An HF SigLIP folder is refused: model.py has SigLIP's
-    image tower only; a SigLIP model is evaluated as stage 2, its tower plus an adaptor over an LLM.)
-  * an HF Llama folder (model_type "llama"): caption-to-caption retrieval only, the stage-1 check, with
-    `instruction` on the queries and not on the gallery, each caption wrapped in `template`, over
-    `c2c_field` of `manifest` and the CuPL set (single-manifest mode only).
-Out: a table on stdout and `out` (JSON): {"name", "model", "kind", "results": {metric: percent}, "counts",
-  "config", "seconds", ...}. With `benchmarks`, results are named <benchmark>_<metric> (below) and the JSON
-  also holds "benchmarks" (folder, manifest, protocol, cache of each), "avg_of", "seconds_per_benchmark"
-  and "table" (the printed lines).
+    inputs truncated to its context like CLIP. (An HF SigLIP folder is refused: model.py has
+    SigLIP's image tower only; a SigLIP model is evaluated as stage 2, its tower plus an adaptor
+    over an LLM.)
+  * an HF Llama folder (model_type "llama"): caption-to-caption retrieval only, the stage-1 check,
+    with `instruction` on the queries and not on the gallery, each caption wrapped in `template`,
+    over `c2c_field` of `manifest` and the CuPL set (single-manifest mode only).
+Out: a table on stdout and `out` (JSON): {"name", "model", "kind", "results": {metric: percent},
+  "counts", "config", "seconds", ...}. With `benchmarks`, results are named <benchmark>_<metric>
+  (below) and the JSON also holds "benchmarks" (folder, manifest, protocol, cache of each),
+  "avg_of", "seconds_per_benchmark" and "table" (the printed lines).
 
 The benchmarks (BENCHMARKS below; each folder holds the converter's manifest):
-  flickr30k, coco   multi-caption retrieval of field "short" (5 captions an image; COCO's 25,010 kept
-                    ragged): flickr30k_i2t_r1, ..., coco_t2i_r10
-  sharegpt4v, urban1k, docci   strict 1:1 retrieval of field "long": every record must hold exactly one
-                    caption; a record with several is refused, naming the manifest and its line
+  flickr30k, coco   multi-caption retrieval of field "short" (5 captions an image; COCO's 25,010
+                    kept ragged): flickr30k_i2t_r1, ..., coco_t2i_r10
+  sharegpt4v, urban1k, docci   strict 1:1 retrieval of field "long": every record must hold exactly
+                    one caption; a record with several is refused, naming the manifest and its line
                     (sharegpt4v_i2t_r1, ...)
   xm3600            multi-caption retrieval per language (every caption field is a language):
                     xm3600_<lang>_i2t_r1, ..., and xm3600_i2t_r1 etc. = the mean over the languages
-  imagenet          zero-shot on val.jsonl's labels, twice: classes_single.json (the one template "a photo
-                    of the {}."): imagenet_single_top1/top5; classes.json (the 80 OpenAI templates,
-                    averaged): imagenet_ensemble_top1/top5
-  avg_i2t_r1, avg_t2i_r1: the mean R@1 over the five English retrieval sets present ("avg_of").
-  Each benchmark's captions are embedded once, for it alone (a field at a time, from its own cache if
-  `caches` names one); the ImageNet prompts once per protocol. Rows of a retrieval set that name the same
-  image file are one image (ShareGPT4V-1k's converter keeps entries that repeat an image): otherwise the
-  two identical embeddings would tie and, ties counting against the query, both would always miss.
-  The table: `Flickr I2T T2I | COCO I2T T2I | ShareGPT4V I2T T2I | Urban-1k I2T T2I | DOCCI I2T T2I |
-  Avg I2T T2I`, then `XM3600 I2T T2I | ImageNet 0-shot* 0-shot`, R@1 and top-1 in percent, "-" where a
-  benchmark was not run. "0-shot*" is the single template and "0-shot" the 80: which of the two the
-  LLM2CLIP paper's asterisk marks could not be confirmed from its text (the asterisk usually marks the
-  non-standard protocol, and 80 templates are CLIP's standard); the printed footnote says what each is.
+  imagenet          zero-shot on val.jsonl's labels, twice: classes_single.json (the one template
+                    "a photo of the {}."): imagenet_single_top1/top5; classes.json (the 80 OpenAI
+                    templates, averaged): imagenet_ensemble_top1/top5
+  avg_i2t_r1, avg_t2i_r1: the mean R@1 over the five English retrieval sets present
+    ("avg_of").
+  Each benchmark's captions are embedded once, for it alone (a field at a time, from its own cache
+  if `caches` names one); the ImageNet prompts once per protocol. Rows of a retrieval set that name
+  the same image file are one image (ShareGPT4V-1k's converter keeps entries that repeat an image):
+  otherwise the two identical embeddings would tie and, ties counting against the query, both would
+  always miss.
+  The table: `Flickr I2T T2I | COCO I2T T2I | ShareGPT4V I2T T2I | Urban-1k I2T T2I | DOCCI I2T T2I
+  | Avg I2T T2I`, then `XM3600 I2T T2I | ImageNet 0-shot* 0-shot`, R@1 and top-1 in percent, "-"
+  where a benchmark was not run. "0-shot*" is the single template and "0-shot" the 80: which of the
+  two the LLM2CLIP paper's asterisk marks could not be confirmed from its text (the asterisk usually
+  marks the non-standard protocol, and 80 templates are CLIP's standard); the printed footnote says
+  what each is.
 
 Protocols (all numbers in percent):
-  retrieval, several captions per image (Flickr30k/COCO): image->text is a hit at k if any caption of
-    the image is among the k best of all the field's captions; text->image if the caption's image is
-    among the k best images. Identical caption strings of a field are one text, a caption of every image
-    that has it (the demo's short captions repeat: 1500 captions, 130 distinct strings), so no copy of a
-    string competes with itself. With one caption per image this is plain argmax retrieval (1:1).
-  ties count against the query everywhere: a wrong item scoring >= the best right one ranks ahead of it
-    (NaN too), so a collapsed model scores 0, never 100, and no result depends on the order of rows.
+  retrieval, several captions per image (Flickr30k/COCO): image->text is a hit at k if any caption
+    of the image is among the k best of all the field's captions; text->image if the caption's image
+    is among the k best images. Identical caption strings of a field are one text, a caption of
+    every image that has it (the demo's short captions repeat: 1500 captions, 130 distinct strings),
+    so no copy of a string competes with itself. With one caption per image this is plain argmax
+    retrieval (1:1).
+  ties count against the query everywhere: a wrong item scoring >= the best right one ranks ahead of
+    it (NaN too), so a collapsed model scores 0, never 100, and no result depends on the order of
+    rows.
   zero-shot: each class name in every template, embedded, normalised, averaged, renormalised; logits
     100 x cosine; top-k for every k below the number of classes (top-k of k classes is always 100).
   caption-to-caption: the best other caption (own entry excluded) must be of the same image (group);
-    captions alone in their group are not queries. `c2c_top1` in the joint space (the text tower's or
-    the adaptor's output); for stage-2 models also `c2c_llm_top1` on the LLM embeddings before the adaptor.
+    captions alone in their group are not queries. `c2c_top1` in the joint space (the text tower's
+    or the adaptor's output); for stage-2 models also `c2c_llm_top1` on the LLM embeddings before
+    the adaptor.
 """
 
 import json
@@ -88,54 +101,73 @@ from embed_cache import open_cache, read_meta
 from train_common import model_fingerprint, write_json
 
 # -----------------------------------------------------------------------------
-model = ""                       # stage-2 folder, HF CLIP folder, or HF Llama folder (c2c only, the stage-1 check)
-# the papers' benchmarks; when set, the single-manifest settings below (manifest ... cache) are not read
-benchmarks = ""                  # "name=folder,...": flickr30k coco sharegpt4v urban1k docci xm3600 imagenet (BENCHMARKS)
-caches = ""                      # stage 2: "name=folder,...": embed_cache.py over that benchmark's manifest; none = run the LLM
+model = ""                       # stage-2 folder, HF CLIP folder, or HF Llama folder (c2c only, the
+                                 # stage-1 check)
+# the papers' benchmarks; when set, the single-manifest settings below (manifest ... cache)
+# are not read
+benchmarks = ""                  # "name=folder,...": flickr30k coco sharegpt4v urban1k docci xm3600
+                                 # imagenet (BENCHMARKS)
+caches = ""                      # stage 2: "name=folder,...": embed_cache.py over that benchmark's
+                                 # manifest; none = run the LLM
 # one manifest (the demo)
 manifest = "data/fashion/out/test.jsonl"
 retrieval = "short,long"         # caption fields for image-text retrieval
-multilingual = "de"              # caption fields in languages stage 1 taught ("" to skip); their mean is multilingual_*
-multilingual_unseen = "fr"       # languages no stage trained on ("" to skip); their mean is multilingual_unseen_*
-classes = "data/fashion/out/classes.json"  # zero-shot: {"classes": [...], "templates": ["a photo of {}.", ...]}; "" to skip
-zeroshot_manifest = "data/fashion/out/zeroshot.jsonl"  # zero-shot on these labelled images ("" = `manifest`'s)
+multilingual = "de"              # caption fields in languages stage 1 taught ("" to skip); their
+                                 # mean is multilingual_*
+multilingual_unseen = "fr"       # languages no stage trained on ("" to skip); their mean is
+                                 # multilingual_unseen_*
+classes = "data/fashion/out/classes.json"  # zero-shot: {"classes": [...], "templates":
+                                           # ["a photo of {}.", ...]}; "" to skip
+zeroshot_manifest = "data/fashion/out/zeroshot.jsonl"  # zero-shot on these labelled images
+                                                       # ("" = `manifest`'s)
 c2c_field = "long"               # caption-to-caption retrieval within this field ("" to skip)
-cache = ""                       # stage 2: embed_cache.py output over `manifest` by the model's LLM; "" = run the LLM
+cache = ""                       # stage 2: embed_cache.py output over `manifest` by the model's
+                                 # LLM; "" = run the LLM
 # both
-llm = ""                         # stage 2: the LLM folder, if not where text.json says (fingerprint checked)
-cupl = "data/fashion/out/cupl.json"  # Llama mode: {"texts": [...], "group": [...]}; "" to skip
-instruction = "Given a caption, retrieve a similar relevant caption."  # Llama mode: on c2c queries; "" for none
-template = "auto"                # Llama mode: caption template (embedder.caption_template); stage 2 uses text.json's
-attention = "bidirectional"      # Llama mode: "bidirectional" or "causal" (as stage 1 trained it); stage 2 uses text.json's
+llm = ""                         # stage 2: the LLM folder, if not where text.json says (fingerprint
+                                 # checked)
+cupl = "data/fashion/out/cupl.json"  # Llama mode: {"texts": [...], "group": [...]};
+                                     # "" to skip
+instruction = "Given a caption, retrieve a similar relevant caption."  # Llama mode: on c2c queries;
+                                                                       # "" for none
+template = "auto"                # Llama mode: caption template (embedder.caption_template); stage 2
+                                 # uses text.json's
+attention = "bidirectional"      # Llama mode: "bidirectional" or "causal" (as stage 1 trained it);
+                                 # stage 2 uses text.json's
 name = ""                        # the row's name in the JSON ("" = the model path)
 max_length = 512                 # Llama mode: tokens per caption (stage 2 uses text.json's)
 batch_size = 64
 num_workers = 0                  # DataLoader processes decoding images (0 = in this process)
 out = "out/eval.json"
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # the LLM's compute dtype (towers: bf16 autocast on GPUs)
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # the LLM's compute dtype (towers:
+                                                                # bf16 autocast on GPUs)
 # -----------------------------------------------------------------------------
 # metrics: pure functions of normalised embeddings
 
 def _misses(queries, items, q_idx, i_idx, chunk):
     """Per query: the number of wrong items that score at least as high as its best right item (NaN
-    counts as high). (q_idx[p], i_idx[p]) are the right (query, item) pairs. O(chunk x N_items) memory."""
+    counts as high). (q_idx[p], i_idx[p]) are the right (query, item) pairs. O(chunk x N_items)
+    memory."""
     out = []
     for s in range(0, queries.shape[0], chunk):
         sim = queries[s:s + chunk] @ items.T  # (C, N_items)
         right = torch.zeros_like(sim, dtype=torch.bool)
         m = (q_idx >= s) & (q_idx < s + chunk)
         right[q_idx[m] - s, i_idx[m]] = True
-        best = torch.where(right, sim, float("-inf")).amax(1, keepdim=True)  # (C, 1); -inf: no right item
+        best = torch.where(right, sim, float("-inf")).amax(1, keepdim=True)  # (C, 1);
+                                                                             # -inf: no right item
         out.append((~(sim < best) & ~right).sum(1))
     return torch.cat(out)
 
 def retrieval_recall(img, txt, txt_image, ks=(1, 5, 10), chunk=1024):
     """Recall@k in percent, both ways: {"i2t_r1": ..., "t2i_r1": ..., ...}. img (N_img, D) and txt
-    (N_txt, D) L2-normalised; txt_image[r] is the image of caption r (an int), or the images of a caption
-    string that several images share (a list). image->text: a hit at k if fewer than k wrong captions
-    score >= the image's best caption; text->image: if fewer than k wrong images score >= its image."""
-    pairs = [(int(i), r) for r, own in enumerate(txt_image) for i in (own if isinstance(own, (list, tuple, set)) else [own])]
+    (N_txt, D) L2-normalised; txt_image[r] is the image of caption r (an int), or the images of a
+    caption string that several images share (a list). image->text: a hit at k if fewer than k wrong
+    captions score >= the image's best caption; text->image: if fewer than k wrong images score >=
+    its image."""
+    pairs = [(int(i), r) for r, own in enumerate(txt_image)
+             for i in (own if isinstance(own, (list, tuple, set)) else [own])]
     img_idx, txt_idx = torch.tensor(pairs, dtype=torch.long, device=img.device).reshape(-1, 2).T
     i2t = _misses(img, txt, img_idx, txt_idx, chunk)  # (N_img,)
     t2i = _misses(txt, img, txt_idx, img_idx, chunk)  # (N_txt,)
@@ -147,8 +179,8 @@ def retrieval_recall(img, txt, txt_image, ks=(1, 5, 10), chunk=1024):
     return res
 
 def distinct_captions(texts, image):
-    """Identical strings of one field merged: (row of each distinct text's first occurrence, the images
-    that have it, sorted), for retrieval_recall(img, txt[rows], owners)."""
+    """Identical strings of one field merged: (row of each distinct text's first occurrence, the
+    images that have it, sorted), for retrieval_recall(img, txt[rows], owners)."""
     where, rows, owners = {}, [], []
     for r, (t, i) in enumerate(zip(texts, image)):
         if t not in where:
@@ -166,23 +198,27 @@ def zeroshot_classifier(text_embed_fn, classes, templates):
     return F.normalize(e.view(len(classes), len(templates), -1).mean(1), dim=-1)  # (C, D)
 
 def zeroshot_accuracy(img, class_emb, labels, ks=(1, 5)):
-    """{"zeroshot_top1": ..., ...} in percent: logits 100 img @ class_emb^T; an image is right at k if
-    fewer than k other classes score >= its label's (ties and NaN against it). Only k < C is reported."""
+    """{"zeroshot_top1": ..., ...} in percent: logits 100 img @ class_emb^T; an image is right at k
+    if fewer than k other classes score >= its label's (ties and NaN against it). Only k < C is
+    reported."""
     logits = 100.0 * img.float() @ class_emb.float().T  # (N, C)
     labels = torch.as_tensor(labels, dtype=torch.long, device=logits.device)
-    ahead = (~(logits < logits.gather(1, labels[:, None]))).sum(1) - 1  # the label itself is not < itself
-    return {f"zeroshot_top{k}": 100.0 * (ahead < k).double().mean().item() for k in ks if k < class_emb.shape[0]}
+    # the label itself is not < itself
+    ahead = (~(logits < logits.gather(1, labels[:, None]))).sum(1) - 1
+    return {f"zeroshot_top{k}": 100.0 * (ahead < k).double().mean().item()
+            for k in ks if k < class_emb.shape[0]}
 
 def c2c_top1(queries, gallery, group, chunk=1024):
-    """Top-1 caption-to-caption retrieval, in percent. queries[i] and gallery[i] embed caption i (as a
-    query and as a gallery item; L2-normalised rows); group[i] is its image or class. Caption i's own
-    gallery entry is excluded; captions alone in their group are not queries; a hit needs the best peer
-    of the group to score strictly above every caption of another group."""
+    """Top-1 caption-to-caption retrieval, in percent. queries[i] and gallery[i] embed caption i (as
+    a query and as a gallery item; L2-normalised rows); group[i] is its image or class. Caption i's
+    own gallery entry is excluded; captions alone in their group are not queries; a hit needs the
+    best peer of the group to score strictly above every caption of another group."""
     group = torch.as_tensor(np.asarray(group), device=queries.device)
     _, inverse, counts = torch.unique(group, return_inverse=True, return_counts=True)
     has_peer = counts[inverse] > 1
     if not has_peer.any():
-        raise ValueError("c2c_top1: no caption shares its group with another (one caption per image?)")
+        raise ValueError("c2c_top1: no caption shares its group with another (one caption per "
+                         "image?)")
     hits = []
     for s in range(0, len(group), chunk):
         sim = queries[s:s + chunk] @ gallery.T  # (C, N)
@@ -199,7 +235,8 @@ def c2c_top1(queries, gallery, group, chunk=1024):
 
 def model_kind(path):
     """"stage2", "clip" or "llama", from the folder's files."""
-    if os.path.isfile(os.path.join(path, "adaptor.json")) and os.path.isfile(os.path.join(path, "text.json")):
+    if (os.path.isfile(os.path.join(path, "adaptor.json")) and
+            os.path.isfile(os.path.join(path, "text.json"))):
         return "stage2"
     cfg_path = os.path.join(path, "config.json")
     mt = None
@@ -209,18 +246,21 @@ def model_kind(path):
         if mt in ("clip", "llama"):
             return mt
         if mt in ("siglip", "siglip_vision_model"):
-            raise ValueError(f"model={path!r}: an HF SigLIP folder (model_type {mt!r}). evaluate.py does not evaluate a "
-                             f"SigLIP model with its own text tower (model.py implements SigLIP's image tower only); "
-                             f"a SigLIP model is evaluated as a stage-2 model: its image tower plus an adaptor over an "
-                             f"LLM (train_stage2.py's output folder, with adaptor.json and text.json)")
+            raise ValueError(f"model={path!r}: an HF SigLIP folder (model_type {mt!r}). "
+                             f"evaluate.py does not evaluate a SigLIP model with its own text "
+                             f"tower (model.py implements SigLIP's image tower only); a SigLIP "
+                             f"model is evaluated as a stage-2 model: its image tower plus an "
+                             f"adaptor over an LLM (train_stage2.py's output folder, with "
+                             f"adaptor.json and text.json)")
     found = f"config.json has model_type {mt!r}" if os.path.isfile(cfg_path) else \
         ("not a directory" if not os.path.isdir(path) else "no config.json")
-    raise ValueError(f"model={path!r}: not a model folder evaluate.py knows ({found}); expected a stage-2 "
-                     f"output (adaptor.json + text.json + config.json), an HF CLIP folder (model_type 'clip') "
-                     f"or an HF Llama folder (model_type 'llama')")
+    raise ValueError(f"model={path!r}: not a model folder evaluate.py knows ({found}); expected a "
+                     f"stage-2 output (adaptor.json + text.json + config.json), an HF CLIP folder "
+                     f"(model_type 'clip') or an HF Llama folder (model_type 'llama')")
 
 def read_classes(path):
-    """(class names, templates) of a zero-shot spec {"classes": [...], "templates": ["... {} ...", ...]}."""
+    """(class names, templates) of a zero-shot spec {"classes": [...], "templates": ["... {} ...",
+    ...]}."""
     with open(path) as f:
         spec = json.load(f)
     if not isinstance(spec, dict):
@@ -228,7 +268,8 @@ def read_classes(path):
     for key in ("classes", "templates"):
         v = spec.get(key)
         if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
-            raise ValueError(f"{path}: key {key!r} must be a non-empty list of strings, got {v!r:.80}")
+            raise ValueError(f"{path}: key {key!r} must be a non-empty list of strings, got "
+                             f"{v!r:.80}")
     bad = [t for t in spec["templates"] if "{}" not in t]
     if bad:
         raise ValueError(f"{path}: template {bad[0]!r} has no '{{}}' for the class name")
@@ -238,7 +279,8 @@ def split(fields):
     return [f for f in fields.split(",") if f]
 
 # -----------------------------------------------------------------------------
-# the text side of each kind of model: texts -> embeddings in the joint space, and a manifest's fields
+# the text side of each kind of model: texts -> embeddings in the joint space, and a manifest's
+# fields
 
 def _chunks(texts, size, desc):
     starts = range(0, len(texts), size)
@@ -274,8 +316,10 @@ class StageTwoText:
         self.spec, self.info = EM.read_spec(os.path.join(path, "text.json"))
         self.path, self.llm_path = path, llm or self.info["llm"]
         if not os.path.isdir(self.llm_path):
-            raise FileNotFoundError(f"{self.llm_path}: the LLM of {path}/text.json is not there; pass --llm=<its folder>")
-        # the adaptor was trained on this LLM's embeddings: another one (e.g. via --llm) means garbage
+            raise FileNotFoundError(f"{self.llm_path}: the LLM of {path}/text.json is not there; "
+                                    f"pass --llm=<its folder>")
+        # the adaptor was trained on this LLM's embeddings: another one (e.g. via --llm) means
+        # garbage
         if model_fingerprint(self.llm_path) != self.info["llm_sha256"]:
             raise ValueError(f"{self.llm_path}: not the LLM {path} was trained with "
                              f"(its fingerprint differs from llm_sha256 in {path}/text.json)")
@@ -291,13 +335,15 @@ class StageTwoText:
                       fix="use a cache embedded with {key}={want!r}, or none (the LLM then runs)")
 
     def open_field(self, cache_dir, man, f):
-        """The cache's (N, D) float16 rows of field f, checked against this LLM and the manifest's captions."""
+        """The cache's (N, D) float16 rows of field f, checked against this LLM and the manifest's
+        captions."""
         return open_cache(cache_dir, f, self.llm_path, man)
 
     def llm_embed(self, texts):
         if self.llm is None:
-            self.llm = LM.Llama.from_pretrained(self.llm_path, dtype=getattr(torch, dtype),
-                                               causal=self.spec.attention == "causal").to(self.device).eval()
+            self.llm = (LM.Llama.from_pretrained(self.llm_path, dtype=getattr(torch, dtype),
+                                                 causal=self.spec.attention == "causal")
+                        .to(self.device).eval())
             self.tok = M.load_tokenizer(self.llm_path)
         chunk, sp = 16 * batch_size, self.spec
         return torch.cat([EM.embed_texts(self.llm, self.tok, texts[s:s + chunk], sp.instruction,
@@ -315,7 +361,8 @@ class StageTwoText:
     def field(self, man, f, cache_dir=""):
         """(LLM embeddings, joint embeddings) of the field's captions in caption_rows order."""
         if cache_dir:  # float16 rows, renormalised in fp32
-            e = F.normalize(torch.from_numpy(np.asarray(self.open_field(cache_dir, man, f), dtype=np.float32)), dim=-1)
+            e = F.normalize(torch.from_numpy(np.asarray(self.open_field(cache_dir, man, f),
+                                                        dtype=np.float32)), dim=-1)
         else:
             e = self.llm_embed(caption_rows(man, f)[0])
         e = e.to(self.device)
@@ -323,12 +370,14 @@ class StageTwoText:
 
 @torch.no_grad()
 def image_embeddings(tower, man, device, rows=None):
-    """(N, D) L2-normalised embeddings of the images of a Manifest (or of its records `rows`), in order,
-    each preprocessed as its tower expects (CLIP: shortest side and centre crop; SigLIP: a square resize)."""
+    """(N, D) L2-normalised embeddings of the images of a Manifest (or of its records `rows`), in
+    order, each preprocessed as its tower expects (CLIP: shortest side and centre crop; SigLIP: a
+    square resize)."""
     ds = ImageDataset(man, preprocess=tower.preprocess, train=False)
     if rows is not None:
         ds = torch.utils.data.Subset(ds, rows)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate,
+                                         num_workers=num_workers)
     out = []
     for pixels, _, _ in tqdm(loader, desc="images", leave=False):
         with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
@@ -355,13 +404,15 @@ def evaluate_towers(kind, device):
     zs = read_classes(classes) if classes else None  # bad input fails before any model is loaded
     need = list(dict.fromkeys(fields + langs + unseen + split(c2c_field)))
     zs_manifest = zeroshot_manifest or manifest
-    records = Manifest(manifest).check(fields=need, label=zs is not None and zs_manifest == manifest)
+    records = Manifest(manifest).check(fields=need,
+                                       label=zs is not None and zs_manifest == manifest)
     if zs:
         zs_records = records if zs_manifest == manifest else Manifest(zs_manifest).check(label=True)
         bad = [n for n, r in enumerate(zs_records, 1) if not 0 <= r["label"] < len(zs[0])]
         if bad:
-            raise ValueError(f"{zs_manifest}:{bad[0]}: label {zs_records[bad[0] - 1]['label']} is not a class of {classes} "
-                             f"(0..{len(zs[0]) - 1}; {len(bad)} such lines)")
+            raise ValueError(f"{zs_manifest}:{bad[0]}: label {zs_records[bad[0] - 1]['label']} is "
+                             f"not a class of {classes} (0..{len(zs[0]) - 1}; {len(bad)} such "
+                             f"lines)")
     text = text_side(kind, device)
     if kind == "stage2" and cache:
         text.check_cache(cache)
@@ -379,7 +430,8 @@ def evaluate_towers(kind, device):
         texts, image = caption_rows(records, f)
         rows, owners = distinct_captions(texts, image)
         _, joint = field(f)
-        for k, v in retrieval_recall(img, joint[torch.as_tensor(rows, device=joint.device)], owners).items():
+        for k, v in retrieval_recall(img, joint[torch.as_tensor(rows, device=joint.device)],
+                                     owners).items():
             results[f"{f}_{k}"] = v
         counts[f] = {"captions": len(texts), "distinct": len(rows)}
     for key, group in (("multilingual", langs), ("multilingual_unseen", unseen)):
@@ -401,7 +453,8 @@ def evaluate_towers(kind, device):
 def evaluate_llm(device):
     """The stage-1 check: caption-to-caption top-1 of an LLM, the instruction on queries only, every
     caption wrapped in the caption template (resolved here, from the LLM's tokenizer)."""
-    net = LM.Llama.from_pretrained(model, dtype=getattr(torch, dtype), causal=attention == "causal").to(device).eval()
+    net = LM.Llama.from_pretrained(model, dtype=getattr(torch, dtype),
+                                   causal=attention == "causal").to(device).eval()
     tok = M.load_tokenizer(model)
     tmpl = EM.caption_template(tok, template)
     EM.check_embedder(model, EM.EmbedSpec(instruction, max_length, tmpl, attention))
@@ -426,14 +479,16 @@ def evaluate_llm(device):
 # the papers' benchmarks
 
 Bench = namedtuple("Bench", "file protocol field column")
-BENCHMARKS = {  # name -> (manifest in the converter's folder, protocol, caption field, the table's column)
+# name -> (manifest in the converter's folder, protocol, caption field, the table's column)
+BENCHMARKS = {
     "flickr30k": Bench("test.jsonl", "multi", "short", "Flickr"),
     "coco": Bench("test.jsonl", "multi", "short", "COCO"),
     "sharegpt4v": Bench("test.jsonl", "1:1", "long", "ShareGPT4V"),
     "urban1k": Bench("test.jsonl", "1:1", "long", "Urban-1k"),
     "docci": Bench("test.jsonl", "1:1", "long", "DOCCI"),
     "xm3600": Bench("test.jsonl", "languages", "", "XM3600"),  # every caption field is a language
-    "imagenet": Bench("val.jsonl", "zeroshot", "", "ImageNet"),  # + classes.json, classes_single.json
+    "imagenet": Bench("val.jsonl", "zeroshot", "", "ImageNet"),  # + classes.json,
+                                                                 # classes_single.json
 }
 AVG_OF = ("flickr30k", "coco", "sharegpt4v", "urban1k", "docci")  # the Avg columns average these
 
@@ -453,11 +508,13 @@ def name_map(setting, what):
 
 def open_benchmark(bname, folder):
     """Check a benchmark's files before any model loads: {"man", "path", "fields"} (+ "single" and
-    "ensemble" zero-shot specs for imagenet). A 1:1 set with an image of several captions is refused."""
+    "ensemble" zero-shot specs for imagenet). A 1:1 set with an image of several captions is
+    refused."""
     b = BENCHMARKS[bname]
     path = os.path.join(folder, b.file)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{bname}={folder}: no {b.file} there (run data/{bname}/prepare.py --out={folder})")
+        raise FileNotFoundError(f"{bname}={folder}: no {b.file} there (run data/{bname}/prepare.py "
+                                f"--out={folder})")
     if b.protocol == "zeroshot":
         man = Manifest(path).check(label=True)
         labels, specs = np.asarray(man.labels), {}
@@ -465,8 +522,9 @@ def open_benchmark(bname, folder):
             specs[key] = read_classes(os.path.join(folder, file))
             bad = np.flatnonzero(labels >= len(specs[key][0]))
             if len(bad):
-                raise ValueError(f"{path}:{bad[0] + 1}: label {labels[bad[0]]} is not a class of {folder}/{file} "
-                                 f"(0..{len(specs[key][0]) - 1}; {len(bad)} such line(s))")
+                raise ValueError(f"{path}:{bad[0] + 1}: label {labels[bad[0]]} is not a class of "
+                                 f"{folder}/{file} (0..{len(specs[key][0]) - 1}; {len(bad)} such "
+                                 f"line(s))")
         return dict(man=man, path=path, fields=[], **specs)
     if b.protocol == "languages":
         man = Manifest(path).check()
@@ -477,13 +535,15 @@ def open_benchmark(bname, folder):
     else:
         fields = [b.field]
         man = Manifest(path).check(fields=fields)
-    if b.protocol == "1:1":  # strict: exactly one caption per record, or the protocol is not the paper's
+    # strict: exactly one caption per record, or the protocol is not the paper's
+    if b.protocol == "1:1":
         n = np.diff(np.asarray(man.ptr(b.field)))
         bad = np.flatnonzero(n != 1)
         if len(bad):
-            raise ValueError(f"{path}:{bad[0] + 1}: {bname} is scored 1:1 (one caption per image, plain argmax) but "
-                             f"this image has {n[bad[0]]} captions in field {b.field!r} ({len(bad)} such line(s)); "
-                             f"convert it with data/{bname}/prepare.py, which writes one caption per image")
+            raise ValueError(f"{path}:{bad[0] + 1}: {bname} is scored 1:1 (one caption per image, "
+                             f"plain argmax) but this image has {n[bad[0]]} captions in field "
+                             f"{b.field!r} ({len(bad)} such line(s)); convert it with "
+                             f"data/{bname}/prepare.py, which writes one caption per image")
     return dict(man=man, path=path, fields=fields)
 
 def distinct_images(man):
@@ -505,7 +565,8 @@ def run_benchmark(bname, bench, text, tower, device, cache_dir):
         img = image_embeddings(tower, man, device)
         for key in ("single", "ensemble"):  # each protocol's prompts embedded once
             names, templates = bench[key]
-            r = zeroshot_accuracy(img, zeroshot_classifier(text, names, templates), np.array(man.labels))
+            r = zeroshot_accuracy(img, zeroshot_classifier(text, names, templates),
+                                  np.array(man.labels))
             results.update({f"{bname}_{key}_{k.split('_', 1)[1]}": v for k, v in r.items()})
             counts[f"{key}_templates"] = len(templates)
         counts["classes"] = len(bench["ensemble"][0])
@@ -523,34 +584,41 @@ def run_benchmark(bname, bench, text, tower, device, cache_dir):
         counts[f] = {"captions": len(texts), "distinct": len(rows)}
     if b.protocol == "languages":  # the mean over languages
         for k in r:
-            results[f"{bname}_{k}"] = sum(results[f"{bname}_{f}_{k}"] for f in bench["fields"]) / len(bench["fields"])
+            results[f"{bname}_{k}"] = (sum(results[f"{bname}_{f}_{k}"] for f in bench["fields"]) /
+                                       len(bench["fields"]))
         counts["languages"] = bench["fields"]
     return results, counts
 
 def paper_table(results):
-    """The papers' layout, R@1 (top-1 for ImageNet) in percent, "-" where a benchmark did not run: lines."""
+    """The papers' layout, R@1 (top-1 for ImageNet) in percent, "-" where a benchmark did not run:
+    lines."""
     def block(groups):  # groups: (name, (sub-heading, key), (sub-heading, key))
         val = lambda k: f"{results[k]:.1f}" if k in results else "-"  # noqa: E731
         return [" | ".join(f"{name:<15}" for name, _, _ in groups).rstrip(),
                 " | ".join(f"{a:<7} {b:<7}" for _, (a, _), (b, _) in groups).rstrip(),
                 " | ".join(f"{val(ka):<7} {val(kb):<7}" for _, (_, ka), (_, kb) in groups).rstrip()]
     r1 = lambda col, key: (col, ("I2T", f"{key}_i2t_r1"), ("T2I", f"{key}_t2i_r1"))  # noqa: E731
-    return (block([r1(BENCHMARKS[b].column, b) for b in AVG_OF] + [r1("Avg", "avg")]) + [""] +
-            block([r1("XM3600", "xm3600"),
-                   ("ImageNet", ("0-shot*", "imagenet_single_top1"), ("0-shot", "imagenet_ensemble_top1"))]))
+    return (block([r1(BENCHMARKS[b].column, b) for b in AVG_OF] + [r1("Avg", "avg")]) +
+            [""] + block([r1("XM3600", "xm3600"),
+                          ("ImageNet", ("0-shot*", "imagenet_single_top1"),
+                           ("0-shot", "imagenet_ensemble_top1"))]))
 
 def evaluate_benchmarks(kind, device):
     """Every benchmark of `benchmarks`, one after the other: (results, counts, extra JSON)."""
     if kind == "llama":
-        raise ValueError(f"benchmarks: {model} is an LLM (caption-to-caption only); the benchmarks need an "
-                         f"image tower and a text side (a stage-2 folder or an HF CLIP folder)")
+        raise ValueError(f"benchmarks: {model} is an LLM (caption-to-caption only); the benchmarks "
+                         f"need an image tower and a text side (a stage-2 folder or an HF CLIP "
+                         f"folder)")
     folders, cache_dirs = name_map(benchmarks, "benchmarks"), name_map(caches, "caches")
     for bname in cache_dirs:
         if bname not in folders:
-            raise ValueError(f"caches: {bname!r} is not among the benchmarks ({', '.join(folders)})")
+            raise ValueError(f"caches: {bname!r} is not among the benchmarks "
+                             f"({', '.join(folders)})")
         if BENCHMARKS[bname].protocol == "zeroshot":
-            raise ValueError(f"caches: {bname} has no captions to cache (its prompts always run the LLM); drop it")
-    bench = {bname: open_benchmark(bname, folder) for bname, folder in folders.items()}  # inputs first
+            raise ValueError(f"caches: {bname} has no captions to cache (its prompts always run "
+                             f"the LLM); drop it")
+    # inputs first
+    bench = {bname: open_benchmark(bname, folder) for bname, folder in folders.items()}
     text = text_side(kind, device)
     for bname, d in cache_dirs.items():  # every cache check before the slow part
         text.check_cache(d)
@@ -560,12 +628,14 @@ def evaluate_benchmarks(kind, device):
     results, counts, seconds = {}, {}, {}
     for bname in folders:
         t0 = time.time()
-        r, counts[bname] = run_benchmark(bname, bench[bname], text, tower, device, cache_dirs.get(bname, ""))
+        r, counts[bname] = run_benchmark(bname, bench[bname], text, tower, device,
+                                         cache_dirs.get(bname, ""))
         results.update(r)
         seconds[bname] = time.time() - t0
         shown = ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k.endswith(("_r1", "_top1")) and
                           (BENCHMARKS[bname].protocol != "languages" or k.count("_") == 2))
-        print(f"{bname} ({BENCHMARKS[bname].protocol}, {len(bench[bname]['man'])} images, {seconds[bname]:.0f}s): {shown}")
+        print(f"{bname} ({BENCHMARKS[bname].protocol}, {len(bench[bname]['man'])} images, "
+              f"{seconds[bname]:.0f}s): {shown}")
     avg_of = [b for b in AVG_OF if b in folders]
     for d in ("i2t", "t2i") if avg_of else ():
         results[f"avg_{d}_r1"] = sum(results[f"{b}_{d}_r1"] for b in avg_of) / len(avg_of)
@@ -574,28 +644,32 @@ def evaluate_benchmarks(kind, device):
     n80 = counts.get("imagenet", {}).get("ensemble_templates", 80)
     table = paper_table(results) + [
         "", "R@1 in percent (ImageNet: top-1); -: not run. Avg: the mean over " +
-        (", ".join(BENCHMARKS[b].column for b in avg_of) if avg_of else "none (no English retrieval set ran)") + "."]
+        (", ".join(BENCHMARKS[b].column for b in avg_of) if avg_of
+         else "none (no English retrieval set ran)") + "."]
     if "xm3600" in counts:
-        table.append(f"XM3600: the mean over its {len(counts['xm3600']['languages'])} languages (each one's in the JSON).")
-    table.append(f"ImageNet 0-shot*: the single template \"a photo of the {{}}.\" (classes_single.json); 0-shot: the "
-                 f"{n80} templates of classes.json, averaged.")
-    return results, counts, dict(benchmarks=info, avg_of=avg_of, seconds_per_benchmark=seconds, table=table,
-                                 **how_text_embeds(text))
+        table.append(f"XM3600: the mean over its {len(counts['xm3600']['languages'])} languages "
+                     f"(each one's in the JSON).")
+    table.append(f"ImageNet 0-shot*: the single template \"a photo of the {{}}.\" "
+                 f"(classes_single.json); 0-shot: the {n80} templates of classes.json, averaged.")
+    return results, counts, dict(benchmarks=info, avg_of=avg_of, seconds_per_benchmark=seconds,
+                                 table=table, **how_text_embeds(text))
 
 # -----------------------------------------------------------------------------
 
 def main(config):
     from configurator import check
     check(config, positive=("batch_size", "max_length"), nonnegative=("num_workers",),
-          choices={"dtype": ("float32", "bfloat16", "float16"), "attention": EM.ATTENTION}, files=("out",),
+          choices={"dtype": ("float32", "bfloat16", "float16"), "attention": EM.ATTENTION},
+          files=("out",),
           rules=[(model != "", "model='': name a stage-2, HF CLIP or HF Llama folder")])
     t0 = time.time()
     kind = model_kind(model)
     if (cache or llm or caches) and kind != "stage2":
-        raise ValueError(f"--cache, --caches and --llm are for stage-2 models; {model} is an HF {kind} folder")
+        raise ValueError(f"--cache, --caches and --llm are for stage-2 models; {model} is an HF "
+                         f"{kind} folder")
     if cache and benchmarks:
-        raise ValueError("cache is the single-manifest mode's; with benchmarks, name each benchmark's cache in "
-                         "caches=<benchmark>=<folder>,...")
+        raise ValueError("cache is the single-manifest mode's; with benchmarks, name each "
+                         "benchmark's cache in caches=<benchmark>=<folder>,...")
     if benchmarks:
         results, counts, extra = evaluate_benchmarks(kind, device)
     elif kind == "llama":
@@ -607,14 +681,16 @@ def main(config):
         print("\n".join(extra["table"]))
     else:
         print(f"{name or model} ({kind}): " + ", ".join(
-            f"{k} {v}" if isinstance(v, int) else f"{k} {v['captions']} captions ({v['distinct']} distinct)"
+            f"{k} {v}" if isinstance(v, int)
+            else f"{k} {v['captions']} captions ({v['distinct']} distinct)"
             for k, v in counts.items()))
         print(f"{'metric':<24} {'%':>7}")
-        for k, v in results.items():  # in the order computed: retrieval per field, multilingual, zero-shot, c2c
+        # in the order computed: retrieval per field, multilingual, zero-shot, c2c
+        for k, v in results.items():
             print(f"{k:<24} {v:7.2f}")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    write_json(out, {"name": name or model, "model": model, "kind": kind, "results": results, "counts": counts,
-                       **extra, "config": config, "seconds": time.time() - t0})
+    write_json(out, {"name": name or model, "model": model, "kind": kind, "results": results,
+                       "counts": counts, **extra, "config": config, "seconds": time.time() - t0})
     print(f"wrote {out} ({time.time() - t0:.0f}s)")
     return results
 

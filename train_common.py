@@ -34,8 +34,8 @@ def setup_distributed(backend=None):
     return True, dist.get_rank(), dist.get_world_size(), device
 
 def teardown_distributed():
-    """Wait for every rank (rank 0 may still be writing the outputs), then leave the process group: a rank
-    that tears down its gloo connections while a peer still holds them can abort at exit."""
+    """Wait for every rank (rank 0 may still be writing the outputs), then leave the process group:
+    a rank that tears down its gloo connections while a peer still holds them can abort at exit."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -50,21 +50,22 @@ def cosine_lr(step, lr, min_lr, warmup_steps, max_steps):
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 def _mix(x):
-    """splitmix64's finaliser on a uint64 array (a bijective, well-mixing 64-bit hash; wraps mod 2^64)."""
+    """splitmix64's finaliser on a uint64 array (a bijective, well-mixing 64-bit hash; wraps mod
+    2^64)."""
     x = (x ^ (x >> np.uint64(30))) * _M1
     x = (x ^ (x >> np.uint64(27))) * _M2
     return x ^ (x >> np.uint64(31))
 
 def permute(positions, n, key, rounds=6):
-    """A keyed bijection of [0, n) applied to `positions` (an int array): the image at each position of a
-    shuffled order, in O(len(positions)) time and memory whatever n is.
+    """A keyed bijection of [0, n) applied to `positions` (an int array): the image at each position
+    of a shuffled order, in O(len(positions)) time and memory whatever n is.
 
     A balanced Feistel network on 2h-bit integers (2^2h >= n, the smallest such h): each round maps
-    (L, R) -> (R, L xor F_k(R)) with F_k = splitmix64(R xor k) cut to h bits, which is invertible whatever F
-    is, so the network permutes [0, 2^2h). Cycle walking makes it a permutation of [0, n): a value >= n
-    is sent through the network again until it lands below n (it must: it lies on a cycle through the
-    starting position, which is < n). 2^2h < 4n, so under 4 passes on average. Round keys come from
-    `key` (e.g. (seed, epoch)) through numpy's SeedSequence."""
+    (L, R) -> (R, L xor F_k(R)) with F_k = splitmix64(R xor k) cut to h bits, which is invertible
+    whatever F is, so the network permutes [0, 2^2h). Cycle walking makes it a permutation of
+    [0, n): a value >= n is sent through the network again until it lands below n (it must: it lies
+    on a cycle through the starting position, which is < n). 2^2h < 4n, so under 4 passes on
+    average. Round keys come from `key` (e.g. (seed, epoch)) through numpy's SeedSequence."""
     x = np.asarray(positions, dtype=np.uint64)
     if n < 1 or (x.size and int(x.max()) >= n):
         raise ValueError(f"permute: positions must lie in [0, {n})")
@@ -86,11 +87,11 @@ def permute(positions, n, key, rounds=6):
     return y.astype(np.int64)
 
 def global_batch(seed, step, n_images, G, fixed=False):
-    """(epoch, image indices (G,) int64, a generator for caption choices) of one global batch of G images:
-    a function of (seed, step) only, so a resumed run and any number of ranks see the same samples.
-    Epoch e visits the images in the order of permute(., n_images, (seed, e)), G at a time; its last
-    n_images % G positions wait for a later epoch (they are other images in each epoch's order).
-    O(G) per step, whatever n_images is. fixed: step 0's batch forever."""
+    """(epoch, image indices (G,) int64, a generator for caption choices) of one global batch of G
+    images: a function of (seed, step) only, so a resumed run and any number of ranks see the same
+    samples. Epoch e visits the images in the order of permute(., n_images, (seed, e)), G at a time;
+    its last n_images % G positions wait for a later epoch (they are other images in each epoch's
+    order). O(G) per step, whatever n_images is. fixed: step 0's batch forever."""
     if fixed:
         step = 0
     if n_images < G:
@@ -132,8 +133,8 @@ def recover(path):
 # -----------------------------------------------------------------------------
 # checkpoints, and what they were made from: resuming with anything else is refused
 
-FINGERPRINTS = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nano-llm2clip",
-                            "fingerprints.json")
+FINGERPRINTS = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                            "nano-llm2clip", "fingerprints.json")
 
 def sha256_files(paths):
     h = hashlib.sha256()
@@ -144,10 +145,12 @@ def sha256_files(paths):
     return h.hexdigest()
 
 def files_fingerprint(files):
-    """sha256 of the files' bytes (in the given order), remembered per (real path, size, mtime, inode) of
-    each in FINGERPRINTS: an unchanged 16 GB model or 1 GB adaptor is not rehashed at every start; a changed
-    file changes the key and is hashed again. Best effort: a read-only home only costs the rehash."""
-    key = json.dumps([[os.path.realpath(p), s.st_size, s.st_mtime_ns, s.st_ino] for p, s in zip(files, map(os.stat, files))])
+    """sha256 of the files' bytes (in the given order), remembered per (real path, size, mtime,
+    inode) of each in FINGERPRINTS: an unchanged 16 GB model or 1 GB adaptor is not rehashed at
+    every start; a changed file changes the key and is hashed again. Best effort: a read-only home
+    only costs the rehash."""
+    key = json.dumps([[os.path.realpath(p), s.st_size, s.st_mtime_ns, s.st_ino]
+                      for p, s in zip(files, map(os.stat, files))])
     try:
         with open(FINGERPRINTS) as f:
             known = json.load(f)
@@ -184,10 +187,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def input_fingerprint(name, path, manifest=None, fields=()):
     """What an input of a run holds, as a sha256, by the setting's name:
-    manifest   its index's record count, size, content sample and the caption fingerprints of `fields`
-               (`manifest`: the run's manifest.Manifest);
-    cache      its meta.json: the model's fingerprint, the embedding settings, each of `fields`' count and
-               caption fingerprint (the rows are those of that model on those captions);
+    manifest   its index's record count, size, content sample and the caption fingerprints of
+               `fields` (`manifest`: the run's manifest.Manifest);
+    cache      its meta.json: the model's fingerprint, the embedding settings, each of `fields`'
+               count and caption fingerprint (the rows are those of that model on those captions);
     tokenizer  the tokenizer files of the folder;
     otherwise  a folder: config.json + weights of an HF model (model_fingerprint, what caches and
                text.json record), or the .json + .safetensors files of another folder (an
@@ -198,26 +201,33 @@ def input_fingerprint(name, path, manifest=None, fields=()):
                          fields={f: manifest.fingerprint(f) for f in fields}))
     if name == "cache":  # (older caches read with the defaults of the fields they lack: read_spec)
         _, meta = read_spec(os.path.join(path, "meta.json"))
-        return _sha({**{k: v for k, v in meta.items() if k not in ("model", "manifest", "complete", "over_length", "fields")},
+        return _sha({**{k: v for k, v in meta.items()
+                        if k not in ("model", "manifest", "complete", "over_length", "fields")},
                      "fields": {f: meta["fields"].get(f) for f in fields}})
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{name}={path!r}: no such folder")
     if name == "tokenizer":
-        return files_fingerprint([os.path.join(path, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(path, n))])
+        return files_fingerprint([os.path.join(path, n) for n in TOKENIZER_FILES
+                                  if os.path.isfile(os.path.join(path, n))])
     if os.path.isfile(os.path.join(path, "config.json")):
         return model_fingerprint(path)
-    return files_fingerprint(sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith((".json", ".safetensors"))))
+    return files_fingerprint(sorted(os.path.join(path, n) for n in os.listdir(path)
+                                    if n.endswith((".json", ".safetensors"))))
 
 def run_identity(config, settings, inputs, manifest=None, fields=()):
     """What a run is made from, saved with its checkpoints and compared on resume (load_checkpoint):
-    settings: names of config values that decide the model's sizes, the data and its order, or the run's length;
-              compared by value;
-    inputs:   names of config values that are paths to what the run reads (manifest, models, cache, adaptor,
-              tokenizer); recorded with their path and compared by content (input_fingerprint), so a moved
-              copy resumes and another file at the same path does not. An empty path is recorded as such.
-    manifest, fields: the run's manifest.Manifest and the caption fields it reads (for manifest and cache)."""
+    settings: names of config values that decide the model's sizes, the data and its order, or the
+              run's length; compared by value;
+    inputs:   names of config values that are paths to what the run reads (manifest, models, cache,
+              adaptor, tokenizer); recorded with their path and compared by content
+              (input_fingerprint), so a moved copy resumes and another file at the same path does
+              not. An empty path is recorded as such.
+    manifest, fields: the run's manifest.Manifest and the caption fields it reads (for manifest and
+              cache)."""
     return {"settings": {k: config[k] for k in settings},
-            "inputs": {k: {"path": config[k], "fingerprint": input_fingerprint(k, config[k], manifest, fields) if config[k] else ""}
+            "inputs": {k: {"path": config[k],
+                           "fingerprint": input_fingerprint(k, config[k], manifest, fields)
+                           if config[k] else ""}
                        for k in inputs}}
 
 def save_checkpoint(path, tensors, opt, step, config, identity):
@@ -226,7 +236,8 @@ def save_checkpoint(path, tensors, opt, step, config, identity):
     (atomic_write)."""
     def write(tmp):
         os.makedirs(tmp)
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, os.path.join(tmp, "weights.safetensors"))
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                  os.path.join(tmp, "weights.safetensors"))
         torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"step": step, "config": config, "identity": identity}, f, indent=2)
@@ -236,9 +247,9 @@ def _short(x):
     return (x[:12] + "...") if isinstance(x, str) and len(x) == 64 else repr(x)
 
 def resume_faults(state, path, tensors, identity):
-    """What keeps the checkpoint at `path` (its state.json: `state`) from resuming this run, from the state
-    and the header of its weights (no tensor read): (names for a summary, one line per difference: 'what:
-    checkpoint -> this run', every tensor included)."""
+    """What keeps the checkpoint at `path` (its state.json: `state`) from resuming this run, from
+    the state and the header of its weights (no tensor read): (names for a summary, one line per
+    difference: 'what: checkpoint -> this run', every tensor included)."""
     old, names, lines = state["identity"], [], []
     for k, v in identity["settings"].items():
         if k not in old["settings"] or old["settings"][k] != v:
@@ -257,25 +268,29 @@ def resume_faults(state, path, tensors, identity):
         want = tuple(tensors[k].shape) if k in tensors else None
         if shapes.get(k) != want:
             bad.append(f"{k} {shapes.get(k, '(missing)')} -> {want or '(missing)'}")
-            lines.append(f"  tensor {k}: " + ("missing" if k not in shapes else str(shapes[k])) + " in the checkpoint, "
+            lines.append(f"  tensor {k}: " + ("missing" if k not in shapes else str(shapes[k]))
+                         + " in the checkpoint, "
                          + ("not in this run" if want is None else f"{want} in this run"))
     if bad:
-        names.append(f"{len(bad)} tensor(s) (e.g. {bad[0]})" if len(bad) > 1 else f"tensor {bad[0]}")
+        names.append(f"{len(bad)} tensor(s) (e.g. {bad[0]})" if len(bad) > 1 else
+                     f"tensor {bad[0]}")
     return names, lines
 
 def load_checkpoint(path, tensors, opt, identity):
-    """Load a save_checkpoint folder into `tensors` and `opt`; return its step. Refused before any tensor is
-    read if the checkpoint was made from other settings or inputs (identity: run_identity of this run), or
-    holds other tensors or shapes: one error naming each (checkpoint -> this run)."""
+    """Load a save_checkpoint folder into `tensors` and `opt`; return its step. Refused before any
+    tensor is read if the checkpoint was made from other settings or inputs (identity: run_identity
+    of this run), or holds other tensors or shapes: one error naming each (checkpoint -> this
+    run)."""
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     if "identity" not in state:
-        raise ValueError(f"{path}: made by an older version that recorded neither its inputs' fingerprints nor its "
-                         f"sizes, so resuming it cannot be checked; delete it or use another out_dir")
+        raise ValueError(f"{path}: made by an older version that recorded neither its inputs' "
+                         f"fingerprints nor its sizes, so resuming it cannot be checked; delete it "
+                         f"or use another out_dir")
     names, lines = resume_faults(state, path, tensors, identity)
     if names:
-        raise ValueError(f"{path}: cannot resume: this run differs in {', '.join(names)}; resume with what it was made "
-                         f"with, or use another out_dir\n" + "\n".join(lines))
+        raise ValueError(f"{path}: cannot resume: this run differs in {', '.join(names)}; resume "
+                         f"with what it was made with, or use another out_dir\n" + "\n".join(lines))
     for k, now in identity["inputs"].items():
         was = state["identity"]["inputs"][k]["path"]
         if was != now["path"] and int(os.environ.get("RANK", 0)) == 0:
@@ -284,15 +299,15 @@ def load_checkpoint(path, tensors, opt, identity):
     with torch.no_grad():
         for k, v in tensors.items():
             v.copy_(sd[k])
-    opt.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
+    opt.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu",
+                                   weights_only=True))
     return state["step"]
 
 class StepLog:
-    """One log line per call: step, the losses averaged over ranks, the other values, ms per step (since
-    the previous line, after a CUDA synchronize; none on the first), samples/s and ETA. Rank 0 prints it
-    (through `write`) and appends it as JSON to `path`. Every rank must call it (the average is an
-    all-reduce)."""
-
+    """One log line per call: step, the losses averaged over ranks, the other values, ms per step
+    (since the previous line, after a CUDA synchronize; none on the first), samples/s and ETA.
+    Rank 0 prints it (through `write`) and appends it as JSON to `path`. Every rank must call it
+    (the average is an all-reduce)."""
     def __init__(self, path, max_steps, batch, master, write=print):
         self.file = open(path, "a") if master else None
         self.max_steps, self.batch, self.write = max_steps, batch, write
@@ -310,8 +325,11 @@ class StepLog:
         self.t_last, self.step_last = now, step
         if self.file is None:
             return
-        rec = {"step": step, **dict(zip(losses, vals.tolist())), **{k: float(torch.as_tensor(v).detach()) for k, v in values.items()}}
-        self.write(f"step {step}/{self.max_steps} | " + " | ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in list(rec.items())[1:]) +
-                   f" | {ms:.0f} ms/step | {self.batch * 1000 / ms:.1f} samples/s | ETA {(self.max_steps - step) * ms / 1000:.0f}s")
+        rec = {"step": step, **dict(zip(losses, vals.tolist())),
+               **{k: float(torch.as_tensor(v).detach()) for k, v in values.items()}}
+        self.write(f"step {step}/{self.max_steps} | " +
+                   " | ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in list(rec.items())[1:]) +
+                   f" | {ms:.0f} ms/step | {self.batch * 1000 / ms:.1f} samples/s | "
+                   f"ETA {(self.max_steps - step) * ms / 1000:.0f}s")
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
