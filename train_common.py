@@ -303,13 +303,33 @@ def load_checkpoint(path, tensors, opt, identity):
                                    weights_only=True))
     return state["step"]
 
+def _log_lines_upto(path, start):
+    """The lines of the JSONL log at `path` whose step is at most `start` (none when start is 0)."""
+    keep = []
+    if start and os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    step = json.loads(line)["step"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by the kill
+                if step <= start:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+    return keep
+
 class StepLog:
     """One log line per call: step, the losses averaged over ranks, the other values, ms per step
     (since the previous line, after a CUDA synchronize; none on the first), samples/s and ETA.
     Rank 0 prints it (through `write`) and appends it as JSON to `path`. Every rank must call it
-    (the average is an all-reduce)."""
-    def __init__(self, path, max_steps, batch, master, write=print):
-        self.file = open(path, "a") if master else None
+    (the average is an all-reduce). The log matches the model: a fresh run (start 0) starts a new
+    log, and a resumed one keeps the lines up to its checkpoint's step (`start`) and drops those of
+    the steps after it, which the killed run logged and this one redoes."""
+    def __init__(self, path, max_steps, batch, master, write=print, start=0):
+        self.file = None
+        if master:
+            lines = _log_lines_upto(path, start)
+            atomic_write(path, lambda tmp: open(tmp, "w").writelines(lines))
+            self.file = open(path, "a")
         self.max_steps, self.batch, self.write = max_steps, batch, write
         self.t_last, self.step_last = None, 0
 

@@ -302,7 +302,7 @@ def main(config):
         print(f"{method}: {sum(p.numel() for p in trainable.values()) / 1e6:.2f}M trainable "
               f"parameters, global batch {G}, "
               f"{'resuming at step ' + str(step) if step else 'from scratch'}")
-    log = StepLog(os.path.join(out_dir, "log.jsonl"), max_steps, G, master)
+    log = StepLog(os.path.join(out_dir, "log.jsonl"), max_steps, G, master, start=step)
     net.train()
     t_start = time.time()
     while step < max_steps:

@@ -437,7 +437,8 @@ def main(config):
 
     bar = tqdm(total=max_steps, initial=start, desc=f"stage 2 {method}", unit="step",
                disable=not master)
-    log = StepLog(os.path.join(out_dir, "log.jsonl"), max_steps, G, master, write=bar.write)
+    log = StepLog(os.path.join(out_dir, "log.jsonl"), max_steps, G, master, write=bar.write,
+                  start=start)
     model.train()
     step, t_start = start, time.time()
     for pixels, idx, _ in loader:

@@ -43,7 +43,10 @@ def test_resume_gives_the_same_weights(setup, method, out_file):
     train(setup, d / f"straight_{method}", method=method)
     train(setup, d / f"halted_{method}", method=method, halt_at=3)
     assert not os.path.exists(d / f"halted_{method}" / out_file)  # it really stopped
-    train(setup, d / f"halted_{method}", method=method)  # resumes from the step-3 checkpoint
+    with open(d / f"halted_{method}" / "log.jsonl", "a") as f:  # as if killed at step 5, mid-line
+        f.write('{"step": 4, "loss": 9.0}\n{"step": 5, "lo')
+    log = train(setup, d / f"halted_{method}", method=method)  # resumes from the step-3 checkpoint
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and log[3]["loss"] != 9.0  # each step once
     a = load_file(str(d / f"straight_{method}" / out_file))
     b = load_file(str(d / f"halted_{method}" / out_file))
     assert a.keys() == b.keys()

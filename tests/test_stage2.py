@@ -65,10 +65,16 @@ def test_loss_falls_on_a_fixed_batch(setup, method, kw):
                                        ("clip", {"clip": ""})])
 def test_resume_gives_the_same_weights(setup, method, kw):
     d = setup["dir"]
-    train(setup, d / f"straight_{method}", method, **kw)
+    os.makedirs(d / f"straight_{method}", exist_ok=True)
+    (d / f"straight_{method}" / "log.jsonl").write_text('{"step": 99, "infonce": 9.0}\n')  # a stale log
+    _, log = train(setup, d / f"straight_{method}", method, **kw)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]  # a fresh run starts a new log
     r, _ = train(setup, d / f"halted_{method}", method, halt_at=3, **kw)
     assert not os.path.exists(d / f"halted_{method}" / "model")  # it really stopped
-    train(setup, d / f"halted_{method}", method, **kw)  # resumes from the step-3 checkpoint
+    with open(d / f"halted_{method}" / "log.jsonl", "a") as f:  # as if killed at step 5, mid-line
+        f.write('{"step": 4, "infonce": 9.0}\n{"step": 5, "inf')
+    _, log = train(setup, d / f"halted_{method}", method, **kw)  # resumes from the step-3 checkpoint
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and log[3]["infonce"] != 9.0  # each step once
     a, b = weights(d / f"straight_{method}"), weights(d / f"halted_{method}")
     assert a.keys() == b.keys()
     if method == "proclip":
