@@ -2,7 +2,8 @@
 How an image becomes a tensor: Pillow decoding to 8-bit RGB, each image tower's preprocessing
 (ImagePreprocess: CLIP's shortest side + centre crop, SigLIP's square resize, as HF's
 preprocessor_config.json says), the eval and train transforms, and ImageDataset over a
-manifest.Manifest. Pillow and numpy only (torchvision would pull the CUDA build of torch).
+manifest.Manifest. Pillow, numpy and a few lines of torch: no vision package, which on a CPU
+machine would pull the CUDA build of torch.
 
 Image modes: every image becomes 8-bit RGB with its full range. 16-bit data ("I;16", "I;16B", and
 "I" with values in 0..65535) is scaled by 255/65535 (never clipped, as Pillow's convert does); "I"

@@ -299,8 +299,9 @@ def load_checkpoint(path, tensors, opt, identity):
     with torch.no_grad():
         for k, v in tensors.items():
             v.copy_(sd[k])
-    opt.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu",
-                                   weights_only=True))
+    # weights_only=True: tensors and plain containers only, never pickled code
+    opt_file = os.path.join(path, "optimizer.pt")
+    opt.load_state_dict(torch.load(opt_file, weights_only=True, map_location="cpu"))
     return state["step"]
 
 def _log_lines_upto(path, start):
@@ -328,7 +329,10 @@ class StepLog:
         self.file = None
         if master:
             lines = _log_lines_upto(path, start)
-            atomic_write(path, lambda tmp: open(tmp, "w").writelines(lines))
+            def keep(tmp):
+                with open(tmp, "w") as f:
+                    f.writelines(lines)
+            atomic_write(path, keep)
             self.file = open(path, "a")
         self.max_steps, self.batch, self.write = max_steps, batch, write
         self.t_last, self.step_last = None, 0
