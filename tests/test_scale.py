@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 import manifest
+import manifest_index
 from images import ImageDataset
 from manifest import Manifest
 from tiny import ROOT, WORDS, run_script, tiny_clip, tiny_llm
@@ -95,7 +96,7 @@ def arrays(index):
 def test_parallel_index_equals_one_process(folder, monkeypatch):
     path = write(folder / "m.jsonl", 3000)
     one = manifest.build_index(str(path), str(folder / "one"), workers=1)
-    monkeypatch.setattr(manifest, "CHUNK_BYTES", 4096)  # ~70 byte ranges, lines cut at every boundary
+    monkeypatch.setattr(manifest_index, "CHUNK_BYTES", 4096)  # ~70 byte ranges, lines cut at every boundary
     par = manifest.build_index(str(path), str(folder / "par"), workers=2)
     assert par["workers"] == 2 and one["workers"] == 1
     for k in ("lines", "fields", "labels", "faults", "duplicates", "valid"):
@@ -120,7 +121,7 @@ def test_fingerprint_follows_captions_only(folder, monkeypatch):
     moved = folder / "moved.jsonl"  # other image paths and labels, same captions: the cache stays valid
     moved.write_text("".join(json.dumps({**json.loads(x), "image": f"elsewhere/{i}.png", "label": 1}) + "\n"
                              for i, x in enumerate(lines)))
-    monkeypatch.setattr(manifest, "CHUNK_BYTES", 2048)
+    monkeypatch.setattr(manifest_index, "CHUNK_BYTES", 2048)
     fm = Manifest(moved).meta["fields"]
     assert all(fm[f]["fingerprint"] == fp[f]["fingerprint"] for f in fp)
     rec = json.loads(lines[250])
@@ -193,7 +194,7 @@ def test_faults_found_at_index_time_in_parallel(folder, monkeypatch):
     lines[10] = lines[10].replace('"label": 3', '"label": "3"')
     lines[390] = lines[390][:-5]
     path.write_text("\n".join(lines) + "\n")
-    monkeypatch.setattr(manifest, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(manifest_index, "CHUNK_BYTES", 1000)
     with pytest.raises(ValueError) as e:
         Manifest(path).check(images="ignore")
     msg = str(e.value).splitlines()
