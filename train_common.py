@@ -202,7 +202,8 @@ def input_fingerprint(name, path, manifest=None, fields=()):
     if name == "cache":  # (older caches read with the defaults of the fields they lack: read_spec)
         _, meta = read_spec(os.path.join(path, "meta.json"))
         return _sha({**{k: v for k, v in meta.items()
-                        if k not in ("model", "manifest", "complete", "over_length", "fields")},
+                        if k not in ("model", "manifest", "complete", "over_length", "fields",
+                                     "files")},
                      "fields": {f: meta["fields"].get(f) for f in fields}})
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{name}={path!r}: no such folder")

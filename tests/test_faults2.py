@@ -3,7 +3,7 @@ embedding cache), the outputs a command writes, the shards it reads, a full disk
 values. Each case asserts the refusal and what its message names (or the counted report), and the
 bytes of every file that must survive.
 
-    python -m pytest tests/test_faults2.py -s    # also prints this battery's rows of the fault table
+    python -m pytest tests/test_faults2.py -s    # also prints its rows of the fault table
 
 Most cases call the scripts' functions in this process (seconds); those that run a script end to
 end are marked slow."""
@@ -11,7 +11,6 @@ end are marked slow."""
 import io
 import json
 import os
-import re
 import shutil
 import tarfile
 
@@ -21,7 +20,7 @@ from PIL import Image
 
 import filecheck
 from manifest import Manifest
-from tiny import ROOT, run_script, write_images, write_manifest
+from tiny import write_images, write_manifest
 
 TABLE = []  # (fault, command, first line of the message or the count), in the order run
 
@@ -71,7 +70,8 @@ def test_damaged_index_is_named_and_rebuilt(tmp_path, capsys, what, name):
     capsys.readouterr()
     man = Manifest(path, quiet=True).check(fields=["long"], decode=True)  # no image blamed
     err = capsys.readouterr().err
-    row(f"manifest index: {name} {what}", "any script opening m.jsonl", err.replace(str(tmp_path), ""))
+    row(f"manifest index: {name} {what}", "any script opening m.jsonl",
+        err.replace(str(tmp_path), ""))
     assert f"{path}: its index {index} is damaged: {f}: " in err and "rebuilding it" in err, err
     assert ([man[i] for i in range(12)], man.texts("long")) == want
     assert filecheck.file_faults(index, man.meta["files"]) == []
@@ -103,9 +103,9 @@ def test_duplicate_keys_across_and_within_shards(tmp_path, capsys):
                                                         "s/1.tar/a.png"]], keys
     assert members == {"count": 1, "examples": [["s/0.tar", "b.png"]]}, members
     line = next(x for x in err.splitlines() if "key of a member" in x)
-    assert f"{m}: warning: 1 tar member(s) have the key of a member another line names in another " \
-        "shard (lines 1 and 3: key 'a' in s/0.tar/a.png and s/1.tar/a.png); both lines are kept" \
-        == line, err
+    assert f"{m}: warning: 1 tar member(s) have the key of a member another line names in " \
+        "another shard (lines 1 and 3: key 'a' in s/0.tar/a.png and s/1.tar/a.png); both lines " \
+        "are kept" == line, err
     assert "1 member name(s) come twice in one shard (s/0.tar: b.png); the first of each is read" \
         in err, err
     row("the same key in two tar shards", "any script opening the manifest", line.split(": ", 1)[1])
@@ -114,3 +114,191 @@ def test_duplicate_keys_across_and_within_shards(tmp_path, capsys):
     img, _ = man.open_image(1)
     assert np.array_equal(np.asarray(img), np.asarray(Image.open(io.BytesIO(png(2)))))  # first
     assert len(man) == 4  # nothing dropped
+
+# -----------------------------------------------------------------------------
+# the embedding cache, run in this process (embed_cache.main reads its module's settings)
+
+import errno  # noqa: E402
+
+import embed_cache as EC  # noqa: E402
+import embedder as EM  # noqa: E402
+from tiny import tiny_llm  # noqa: E402
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cache2")
+    llm, man = tiny_llm(d / "llm"), write_manifest(d / "m.jsonl", n=20)  # 40 rows per field
+    ref = d / "ref"
+    embed(llm, man, ref)
+    return llm, man, ref
+
+def embed(llm, man, out, **kw):
+    """embed_cache.main() with these settings (chunks of 8 rows: 5 per field)."""
+    settings = {**dict(manifest=man, model=llm, out_dir=str(out), fields="", chunk_size=8,
+                       batch_size=4, dtype="float32", overwrite=False), **kw}
+    saved = {k: getattr(EC, k) for k in settings}
+    try:
+        for k, v in settings.items():
+            setattr(EC, k, v)
+        EC.main()
+    finally:
+        for k, v in saved.items():
+            setattr(EC, k, v)
+
+def npys(folder):
+    return {n: (folder / n).read_bytes() for n in ("short.npy", "long.npy")}
+
+def kill_after(monkeypatch, k):
+    """Make write_rows raise (a kill) at its (k + 1)-th call."""
+    real, calls = EC.write_rows, []
+
+    def write(*a):
+        calls.append(1)
+        if len(calls) > k:
+            raise KeyboardInterrupt("killed")
+        real(*a)
+    monkeypatch.setattr(EC, "write_rows", write)
+
+def test_field_deleted_from_unfinished_cache_is_redone(world, tmp_path, monkeypatch, capsys):
+    llm, man, ref = world
+    out = tmp_path / "c"
+    kill_after(monkeypatch, 7)  # long's 5 chunks (fields in name order) and 2 of short's
+    with pytest.raises(KeyboardInterrupt):
+        embed(llm, man, out)
+    monkeypatch.undo()
+    os.remove(out / "long.npy")
+    capsys.readouterr()
+    embed(llm, man, out)
+    text = capsys.readouterr().out
+    row("a field's .npy deleted from an unfinished cache", "embed_cache.py (run again)",
+        text.replace(str(tmp_path) + "/", ""))
+    assert f"{out / 'long.npy'}: damaged (missing): redoing field 'long' (its 5 chunk record(s) " \
+        "dropped)" in text, text
+    assert npys(out) == npys(ref)
+    assert json.load(open(out / "meta.json"))["complete"]
+
+def test_field_replaced_in_complete_cache_is_redone(world, tmp_path, capsys):
+    llm, man, ref = world
+    out = tmp_path / "c"
+    shutil.copytree(ref, out)
+    shutil.copy(out / "short.npy", out / "long.npy")  # same shape, other rows
+    embed(llm, man, out)
+    text = capsys.readouterr().out
+    row("a field's .npy replaced by another of the same shape", "embed_cache.py (run again)",
+        text.replace(str(tmp_path) + "/", ""))
+    assert f"{out / 'long.npy'}: chunk 0 (rows 0..7): its rows differ from those written (the " \
+        "file was replaced or edited): redoing it" in text, text
+    assert "complete already" not in text and npys(out) == npys(ref)
+
+def test_nan_in_cache_is_refused_where_read(world, tmp_path, capsys):
+    llm, man, ref = world
+    out = tmp_path / "c"
+    shutil.copytree(ref, out)
+    a = np.load(out / "long.npy", mmap_mode="r+")
+    a[13, 5] = np.nan
+    a.flush()
+    del a
+    with pytest.raises(ValueError) as e:
+        EC.open_cache(str(out), "long", llm, man)
+    msg = str(e.value)
+    row("NaN in a cache's row", "evaluate.py / train_stage2.py (open_cache)",
+        msg.replace(str(tmp_path) + "/", ""))
+    assert msg.startswith(f"{out / 'long.npy'}: 1 row(s) of field 'long' hold NaN or infinity, "
+                          "the first row 13 (image of manifest line 7)"), msg
+    EC.open_cache(str(out), "short", llm, man)  # the other field is fine
+    embed(llm, man, out)  # the rerun redoes the chunk whose rows changed
+    assert "chunk 1 (rows 8..15): its rows differ" in capsys.readouterr().out
+    assert npys(out) == npys(ref)
+
+def test_nan_from_the_model_is_refused_where_made(world, tmp_path, monkeypatch):
+    llm, man, ref = world
+    out = tmp_path / "c"
+    real = EM.embed_texts
+
+    def nan_at_row_3(*a, **kw):
+        e = real(*a, **kw)
+        if a[2][0] == Manifest(man, quiet=True).texts("long", 8, 9)[0]:  # long's chunk 1
+            e[3, 0] = float("nan")
+        return e
+    monkeypatch.setattr(EM, "embed_texts", nan_at_row_3)
+    with pytest.raises(FloatingPointError) as e:
+        embed(llm, man, out, fields="long")
+    msg = str(e.value)
+    row("the model gives NaN for a caption", "embed_cache.py", msg.replace(str(tmp_path) + "/", ""))
+    assert msg.startswith(f"{man}: field 'long': the model gave NaN or infinity for 1 of the 8 "
+                          "captions of rows 8..15, the first row 11 (line 6: "), msg
+    assert sorted(os.listdir(out / "done")) == ["long.000000"]  # nothing of chunk 1 written
+    monkeypatch.undo()
+    embed(llm, man, out, fields="long")  # resumes
+    assert (out / "long.npy").read_bytes() == (ref / "long.npy").read_bytes()
+
+def test_full_disk_is_a_clear_error_and_resumes(world, tmp_path, monkeypatch):
+    llm, man, ref = world
+    out = tmp_path / "c"
+    need = 2 * EC.field_record(40, 32)["bytes"]
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 9, 0, 1000))
+    with pytest.raises(OSError) as e:
+        embed(llm, man, out)
+    msg = str(e.value)
+    row("not enough free space for the cache", "embed_cache.py",
+        msg.replace(str(tmp_path) + "/", ""))
+    assert msg == (f"{out}: not enough free space: the cache's files long.npy, short.npy need "
+                   f"{need} bytes, its disk has 1000 bytes free; free space or choose another "
+                   "out_dir"), msg
+    monkeypatch.undo()
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError) as e:
+        embed(llm, man, out)
+    msg = str(e.value)
+    row("disk full while the cache's files are made", "embed_cache.py",
+        msg.replace(str(tmp_path) + "/", ""))
+    assert msg.startswith(f"{out / 'long.npy'}: cannot write: the disk is full "
+                          f"({need // 2} bytes needed, "), msg
+    assert not (out / "long.npy").exists() and not (out / "long.npy.tmp.npy").exists()
+    monkeypatch.undo()
+    kill_after(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        embed(llm, man, out)
+    monkeypatch.undo()
+
+    def enospc(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(EC, "_touch", enospc)  # the done-record cannot be written
+    done3 = out / "done" / "long.000003"
+    with pytest.raises(OSError, match=rf"^{done3}: cannot write: the disk is full; free "
+                                      "space .* it resumes from the chunks already written"):
+        embed(llm, man, out)
+    monkeypatch.undo()
+    embed(llm, man, out)
+    assert npys(out) == npys(ref)
+
+def test_cache_files_are_preallocated(world):
+    _, _, ref = world
+    st = os.stat(ref / "long.npy")
+    assert st.st_blocks * 512 >= st.st_size  # no hole a memory-mapped write could fault on
+
+def test_cache_out_dir_of_another_kind_is_refused(world, tmp_path):
+    llm, man, ref = world
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError) as e:
+        embed(llm, man, out)
+    msg = str(e.value)
+    row("cache out_dir holding other files", "embed_cache.py", msg.replace(str(tmp_path) + "/", ""))
+    assert msg.startswith(f"out_dir={out}: holds 1 entry embed_cache.py does not write (notes.txt)"
+                          "; choose a new or empty folder, or pass --overwrite=True"), msg
+    assert sorted(os.listdir(out)) == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    (out / "meta.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match=rf"^{out / 'meta.json'}: not an embedding cache's "
+                                         "meta.json"):
+        embed(llm, man, out)
+    assert (out / "meta.json").read_text() == '{"model_type": "llama"}'
+    (out / "notes.txt").write_text("mine")
+    embed(llm, man, out, overwrite=True)
+    assert npys(out) == npys(ref) and (out / "notes.txt").read_text() == "mine"
+    embed(llm, man, out)  # its own cache now: a rerun passes
