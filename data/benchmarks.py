@@ -12,7 +12,12 @@ The rules every converter keeps:
   * image paths in the manifest are absolute (the images stay where they were downloaded), so the
     manifest works from any folder;
   * the manifest is written under a temporary name, passed through manifest.Manifest.check, then
-    renamed, so a killed or failed run never leaves a half-written <name>.
+    renamed, so a killed or failed run never leaves a half-written <name>;
+  * no output replaces a file the converter did not write (filecheck.check_out_file): each output
+    is recorded, with its bytes and sha256, in <out>/written.json; an existing output that another
+    command wrote, or that was edited since, is refused before any work unless --overwrite=True;
+  * line-based inputs are read as bytes and split at "\n" only (never at \u2028 or \x1c), so a
+    fault names the line an editor shows; a line that is not UTF-8 is a fault of that line.
 """
 import json
 import os
@@ -26,12 +31,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # configurator.py and manifest.py
 
 MAX_LISTED = 20  # faults listed in full; the rest are counted
+OUT = {"command": "", "overwrite": False}  # who writes the outputs (set by configure)
 
 
 def configure(g):
     """Apply --key=value to a converter's settings (configurator.py, as every script here; the
-    UPPER_CASE constants are not settings), then require root (an existing folder) and out. Returns
-    the snapshot of the settings."""
+    UPPER_CASE constants are not settings), then require root (an existing folder) and out, and
+    refuse outputs this converter may not replace (its OUTPUTS, default test.jsonl; the setting
+    overwrite). Returns the snapshot of the settings."""
     from configurator import configure as apply
     settings = {k: v for k, v in g.items() if not k.isupper()}
     try:
@@ -44,7 +51,37 @@ def configure(g):
         sys.exit(f"usage: python {script} --root=<the folder as downloaded> --out=<folder>")
     if not os.path.isdir(g["root"]):
         sys.exit(f"--root={g['root']}: not a folder")
+    OUT.update(command=script, overwrite=g.get("overwrite", False))
+    for name in g.get("OUTPUTS", ("test.jsonl",)):
+        claim(os.path.join(g["out"], name))
     return config
+
+
+def claim(path):
+    """Exit (status 1) if `path` exists and this converter did not write it, or it changed since."""
+    from filecheck import check_out_file
+    try:
+        check_out_file(path, OUT["command"], OUT["overwrite"])
+    except ValueError as e:
+        sys.exit(str(e))
+
+
+def read_lines(path, faults):
+    """The lines of a text file, split at "\n" only (a trailing "\r" dropped), as str; a line that
+    is not UTF-8 is a fault naming the line and the byte, and None in its place."""
+    with open(path, "rb") as f:
+        raw = f.read().split(b"\n")
+    if raw and raw[-1] == b"":
+        raw.pop()
+    lines = []
+    for n, b in enumerate(raw, 1):
+        try:
+            lines.append(b.decode("utf-8").removesuffix("\r"))
+        except UnicodeDecodeError as e:
+            faults.append(f"line {n}: not UTF-8 ({e.reason} at byte {e.start} of the line: "
+                          f"{b[max(0, e.start - 20):e.start + 4]!r})")
+            lines.append(None)
+    return lines
 
 
 def progress(items, desc):
@@ -190,17 +227,26 @@ def write_manifest(out, name, records, fields=None, label=False, decode=False):
     except ValueError as e:
         shutil.rmtree(work)
         sys.exit(f"the converted manifest fails Manifest.check, nothing written:\n{e}")
+    claim(final)  # (again: nothing may have appeared there meanwhile)
     os.replace(tmp, final)
     shutil.rmtree(work)
+    record(final)
     return final
+
+
+def record(path):
+    from filecheck import record_out_file
+    record_out_file(path, OUT["command"])
 
 
 def write_json(path, obj):
     """A JSON file written atomically (temporary name, then rename)."""
+    claim(path)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, ensure_ascii=False, indent=1)
     os.replace(tmp, path)
+    record(path)
 
 
 def report(notes, path, records, fields):

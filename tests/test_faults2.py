@@ -302,3 +302,74 @@ def test_cache_out_dir_of_another_kind_is_refused(world, tmp_path):
     embed(llm, man, out, overwrite=True)
     assert npys(out) == npys(ref) and (out / "notes.txt").read_text() == "mine"
     embed(llm, man, out)  # its own cache now: a rerun passes
+
+# -----------------------------------------------------------------------------
+# the converters: no output replaces a file they did not write; lines named as an editor shows
+
+import sys  # noqa: E402
+
+from test_converters import VAL_MAP, convert, docci, val_map  # noqa: E402
+from tiny import ROOT  # noqa: E402
+
+sys.path.insert(0, os.path.join(ROOT, "data"))
+import benchmarks as BM  # noqa: E402
+
+def test_read_lines_splits_at_newline_only_and_names_bad_bytes(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_bytes(b'{"a": "x\xe2\x80\xa8y"}\r\n{"a": "caf\xe9"}\n\n{"a": 1}\n')
+    faults = []
+    lines = BM.read_lines(str(p), faults)
+    assert lines == ['{"a": "x\u2028y"}', None, "", '{"a": 1}']
+    assert faults == ["line 2: not UTF-8 (invalid continuation byte at byte 10 of the line: "
+                      "b'{\"a\": \"caf\\xe9\"}')"], faults
+
+@pytest.mark.slow
+def test_converter_never_replaces_what_it_did_not_write(tmp_path):
+    root, out = tmp_path / "docci", tmp_path / "out"
+    docci(root)
+    out.mkdir()
+    (out / "test.jsonl").write_text("someone else's manifest\n")
+    r = convert("docci", root, out, check=False)
+    row("converter --out onto an existing, different test.jsonl", "data/docci/prepare.py",
+        r.stderr.strip().splitlines()[-1].replace(str(tmp_path) + "/", ""))
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == (
+        f"{out / 'test.jsonl'}: exists and data/docci/prepare.py did not write it (no record in "
+        "written.json beside it); nothing written. Move it away, choose another output, or pass "
+        "--overwrite=True to replace it"), r.stderr
+    assert (out / "test.jsonl").read_text() == "someone else's manifest\n"
+    convert("docci", root, out, overwrite=True)
+    mine = (out / "test.jsonl").read_bytes()
+    assert json.load(open(out / "written.json"))["test.jsonl"]["by"] == "data/docci/prepare.py"
+    convert("docci", root, out)  # its own output, unchanged since: replaced
+    assert (out / "test.jsonl").read_bytes() == mine
+    (out / "test.jsonl").write_bytes(mine + b"\n")  # edited by hand since
+    r = convert("docci", root, out, check=False)
+    assert r.returncode != 0 and "exists and changed since data/docci/prepare.py wrote it" \
+        in r.stderr and (out / "test.jsonl").read_bytes() == mine + b"\n", r.stderr
+    r = convert("xm3600", root, out, check=False)  # another converter: refused before any work
+    assert r.returncode != 0 and "exists and was written by data/docci/prepare.py, not " \
+        "data/xm3600/prepare.py" in r.stderr, r.stderr
+    # several outputs: all are checked before anything is written
+    inet, out2 = tmp_path / "inet", tmp_path / "out2"
+    val_map(inet, VAL_MAP[:2])
+    out2.mkdir()
+    (out2 / "classes.json").write_text("{}")
+    r = convert("imagenet", inet, out2, check=False)
+    assert r.returncode != 0 and f"{out2 / 'classes.json'}: exists and" in r.stderr, r.stderr
+    assert sorted(os.listdir(out2)) == ["classes.json"]
+
+@pytest.mark.slow
+def test_converter_names_a_line_that_is_not_utf8(tmp_path):
+    root, out = tmp_path / "docci", tmp_path / "out"
+    docci(root)
+    ann = root / "docci_descriptions.jsonlines"
+    lines = ann.read_bytes().split(b"\n")
+    lines[0] = lines[0].replace(b'"description": "', b'"description": "\xe2\x80\xa8 ')  # U+2028
+    lines[2] = lines[2].replace(b'"description": "', b'"description": "caf\xe9 ')  # latin-1
+    ann.write_bytes(b"\n".join(lines))
+    r = convert("docci", root, out, check=False)
+    row("a latin-1 byte in a JSONL input (line 3)", "data/docci/prepare.py",
+        " / ".join(r.stderr.strip().splitlines()[-2:]).replace(str(tmp_path) + "/", ""))
+    assert r.returncode != 0 and f"{ann}: 1 fault(s), nothing written:" in r.stderr and \
+        "  line 3: not UTF-8 (invalid continuation byte at byte" in r.stderr, r.stderr
+    assert not out.exists()

@@ -43,6 +43,7 @@ out = ""     # where test.jsonl goes
 ann = ""     # the caption file ("" = find it under root)
 images = ""  # the folder the caption file's image paths are relative to ("" = root)
 decode = False  # also decode every image with Pillow before publishing (slower)
+overwrite = False  # True: replace outputs this converter did not write (or that were edited)
 # -----------------------------------------------------------------------------
 CANDIDATES = ("coco_karpathy_test.json", "annotations/coco_karpathy_test.json", "dataset_coco.json")
 EXPECTED = (5000, 25010)  # images, captions of the 5K test split

@@ -41,6 +41,7 @@ ann = ""     # the descriptions file ("" = find it under root)
 images = ""  # the image folder ("" = root/images)
 split = "test"  # the split to keep
 decode = False  # also decode every image with Pillow before publishing (slower)
+overwrite = False  # True: replace outputs this converter did not write (or that were edited)
 # -----------------------------------------------------------------------------
 CANDIDATES = ("docci_descriptions.jsonlines",)
 EXPECTED = 5000  # images in the test split
@@ -50,11 +51,12 @@ if __name__ == "__main__":
     B.configure(globals())
     path = B.find_input(root, ann, CANDIDATES, "DOCCI descriptions file")
     folder = images or os.path.join(root, "images")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
     faults, records, splits, blank = [], [], {}, 0
+    lines = B.read_lines(path, faults)
     for n, line in enumerate(B.progress(lines, "docci"), 1):
         where = f"line {n}"
+        if line is None:  # not UTF-8: a fault already
+            continue
         if not line.strip():
             blank += 1
             continue

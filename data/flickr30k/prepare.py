@@ -39,6 +39,7 @@ out = ""     # where test.jsonl goes
 ann = ""     # the caption file ("" = find it under root)
 images = ""  # the folder the caption file's image paths are relative to ("" = root)
 decode = False  # also decode every image with Pillow before publishing (slower)
+overwrite = False  # True: replace outputs this converter did not write (or that were edited)
 # -----------------------------------------------------------------------------
 CANDIDATES = ("flickr30k_test.json", "test.json", "annotations/test.json", "annotations/flickr30k_test.json",
               "dataset_flickr30k.json")

@@ -52,8 +52,10 @@ out = ""     # where val.jsonl, classes.json and classes_single.json go
 images = ""  # the folder holding the images (flat) or the class folders ("" = root/val, else root)
 single = "a photo of the {}."  # the one prompt of classes_single.json (the single-template protocol)
 decode = False  # also decode every image with Pillow before publishing (minutes for 50,000)
+overwrite = False  # True: replace outputs this converter did not write (or that were edited)
 # -----------------------------------------------------------------------------
 INSTALL = "pip install --no-deps clip-benchmark==1.6.2"
+OUTPUTS = ("val.jsonl", "classes.json", "classes_single.json")  # checked before any work
 EXPECTED = (50000, 1000)  # images, classes
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")
 
@@ -85,10 +87,11 @@ def imagenet_spec():
 
 def from_val_map(map_path, folder, faults):
     """Records from val_map.txt: "<name> <label>" per line, names relative to `folder`."""
-    with open(map_path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    lines = B.read_lines(map_path, faults)
     records, blank = [], 0
     for n, line in enumerate(B.progress(lines, "val_map.txt"), 1):
+        if line is None:  # not UTF-8: a fault already
+            continue
         parts = line.split()
         if not parts:
             blank += 1

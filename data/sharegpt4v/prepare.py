@@ -45,6 +45,7 @@ ann = ""     # the Share-Captioner JSON ("" = find it under root)
 images = ""  # the folder the entries' image paths are relative to ("" = root)
 n = 1000     # the first n entries are the evaluation set
 decode = False  # also decode every image with Pillow before publishing (slower)
+overwrite = False  # True: replace outputs this converter did not write (or that were edited)
 # -----------------------------------------------------------------------------
 CANDIDATES = ("share-captioner_coco_lcs_sam_1246k_1107.json",)
 CHUNK = 1 << 20  # characters read at a time while parsing the head of the array

@@ -35,6 +35,7 @@ import benchmarks as B
 root = ""  # the Urban1k folder (holds image/ and caption/)
 out = ""   # where test.jsonl goes
 decode = False  # also decode every image with Pillow before publishing (slower)
+overwrite = False  # True: replace outputs this converter did not write (or that were edited)
 # -----------------------------------------------------------------------------
 EXPECTED = 1000
 

@@ -43,6 +43,7 @@ out = ""     # where test.jsonl goes
 ann = ""     # the captions file ("" = find it under root)
 images = ""  # the image folder ("" = root/images)
 decode = False  # also decode every image with Pillow before publishing (slower)
+overwrite = False  # True: replace outputs this converter did not write (or that were edited)
 # -----------------------------------------------------------------------------
 CANDIDATES = ("captions.jsonl",)
 EXPECTED = (3600, 36)  # images, languages
@@ -56,11 +57,12 @@ if __name__ == "__main__":
     B.configure(globals())
     path = B.find_input(root, ann, CANDIDATES, "XM3600 captions file")
     folder = images or os.path.join(root, "images")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
     faults, records, langs, other_keys, blank = [], [], None, {}, 0
+    lines = B.read_lines(path, faults)
     for n, line in enumerate(B.progress(lines, "xm3600"), 1):
         where = f"line {n}"
+        if line is None:  # not UTF-8: a fault already
+            continue
         if not line.strip():
             blank += 1
             continue
