@@ -305,6 +305,22 @@ def load_checkpoint(path, tensors, opt, identity):
     opt.load_state_dict(torch.load(opt_file, weights_only=True, map_location="cpu"))
     return state["step"]
 
+def nonfinite_error(step, loss, gnorm, rank, ckpt, manifest, images, more=""):
+    """The FloatingPointError of a step whose loss or gradient norm is not finite, raised before the
+    update: the step, both values, the batch's sources on this rank (the manifest lines of its
+    images, and `more`: e.g. the cache rows of its captions) and the last good checkpoint."""
+    lines = [int(i) + 1 for i in images]
+    shown = ", ".join(map(str, lines[:8])) + (f" and {len(lines) - 8} more" if len(lines) > 8
+                                              else "")
+    last = "none yet"
+    if os.path.isfile(os.path.join(ckpt, "state.json")):
+        with open(os.path.join(ckpt, "state.json")) as f:
+            last = f"step {json.load(f)['step']}"
+    return FloatingPointError(
+        f"step {step}: loss {float(loss):.4g} and gradient norm {float(gnorm):.4g} on rank {rank}; "
+        f"stopped before the update. This rank's batch: {manifest} lines {shown}{more}. The last "
+        f"good checkpoint is {ckpt} ({last})")
+
 def _log_lines_upto(path, start):
     """The lines of the JSONL log at `path` whose step is at most `start` (none when start is 0)."""
     keep = []

@@ -56,8 +56,10 @@ import model as M
 from manifest import Manifest
 from fused_losses import all_gather_with_grad, structure_loss
 from configurator import check
-from train_common import (StepLog, cosine_lr, global_batch, load_checkpoint, recover, run_identity,
-                          save_checkpoint, setup_distributed, teardown_distributed)
+from filecheck import check_out_dir
+from train_common import (StepLog, cosine_lr, global_batch, load_checkpoint, nonfinite_error,
+                          recover, run_identity, save_checkpoint, setup_distributed,
+                          teardown_distributed)
 
 # -----------------------------------------------------------------------------
 method = "llm2clip"              # llm2clip | proclip
@@ -107,7 +109,10 @@ fixed_batch = False              # train on step 0's batch forever (an overfitti
 grad_dump = ""                   # debug: save each step's averaged gradients here
                                  # (safetensors; tests)
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+overwrite = False                # True: write into an out_dir that holds files of other kinds
 # -----------------------------------------------------------------------------
+OUTPUTS = ("ckpt", "log.jsonl", "lora.safetensors", "merged", "adaptor.safetensors",
+           "adaptor.json")  # what it writes in out_dir
 # a checkpoint resumes only with these settings unchanged (the data, its order, the run length, the
 # sizes) and with the same content in these inputs (compared by fingerprint:
 # train_common.run_identity)
@@ -237,6 +242,8 @@ def main(config):
                  (all(ins_fields.split(",")),
                   f"ins_fields={ins_fields!r}: expected caption fields like 'short,short'")],
           folders=("out_dir",))
+    # out_dir is new, empty or this script's (filecheck.check_out_dir)
+    check_out_dir(out_dir, "train_stage1.py", OUTPUTS, overwrite)
     # the caption fields the run reads (a malformed `pairs` is refused now)
     used = sorted({f for a, b, _ in field_pairs() for f in (a, b)} if method == "llm2clip" else
                   set(ins_fields.split(",")))
@@ -329,6 +336,10 @@ def main(config):
             save_file({k: p.grad.detach().cpu().contiguous() for k, p in trainable.items()},
                       grad_dump)
         gnorm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), grad_clip)
+        if not torch.isfinite(gnorm).item():  # (the same on every rank: gradients all-reduced)
+            more = f"; cache {cache} rows of those images in {ins_fields}" \
+                if method == "proclip" else ""
+            raise nonfinite_error(step + 1, loss, gnorm, rank, ckpt, manifest, images[part], more)
         opt.step()
         step += 1
         if step % log_interval == 0 or step == max_steps or step == 1:

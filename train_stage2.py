@@ -50,7 +50,6 @@ non-finite loss or gradient stops the run before the update, leaving the last ch
 """
 
 import copy
-import json
 import math
 import os
 import time
@@ -69,9 +68,11 @@ from images import ImageDataset, collate
 from manifest import Manifest
 from fused_losses import contrastive_loss, sigmoid_loss, structure_loss
 from configurator import check
+from filecheck import check_out_dir
 from train_common import (StepLog, atomic_write, cosine_lr, global_batch, load_checkpoint,
                           model_fingerprint, recover, run_identity, save_checkpoint,
-                          setup_distributed, teardown_distributed, write_json)
+                          nonfinite_error, setup_distributed, teardown_distributed,
+                          write_json)
 
 # -----------------------------------------------------------------------------
 method = "llm2clip"              # llm2clip | proclip | clip
@@ -136,7 +137,9 @@ dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype
                                                                 # on a GPU
 grad_checkpointing = False       # recompute each tower layer in the backward (real-size batches
                                  # need it: bench/memory.py)
+overwrite = False                # True: write into an out_dir that holds files of other kinds
 # -----------------------------------------------------------------------------
+OUTPUTS = ("ckpt", "log.jsonl", "model")  # what it writes in out_dir
 # a checkpoint resumes only with these settings unchanged (the data, its order, the run length, the
 # sizes) and with the same content in these inputs (compared by fingerprint:
 # train_common.run_identity)
@@ -368,6 +371,8 @@ def check_settings(config):
 
 def main(config):
     check_settings(config)
+    # out_dir is new, empty or this script's (filecheck.check_out_dir)
+    check_out_dir(out_dir, "train_stage2.py", OUTPUTS, overwrite)
     ddp, rank, world, device = setup_distributed()
     master = rank == 0
     amp = torch.autocast("cuda", dtype=getattr(torch, dtype), enabled=dtype != "float32") \
@@ -423,7 +428,8 @@ def main(config):
     def text_input(images, rng):  # this rank's images (as the loader served them)
         # per image of the global batch: which field, which caption; this rank's share
         u = rng.random((G, 2))[part]
-        rows = []  # (field, cache row, image, caption k of the image's captions in that field)
+        rows = sources  # (field, cache row, image, caption k of the image's captions there)
+        rows.clear()
         for i, (a, b) in zip(images, u):
             f = names[int(a * len(names))]
             lo, hi = man.row_range(f, i)
@@ -435,6 +441,7 @@ def main(config):
         e = np.stack([arrays[f][r] for f, r, _, _ in rows]).astype(np.float32)
         return torch.from_numpy(e).to(device)
 
+    sources = []  # the text rows of the step's batch (for a message)
     bar = tqdm(total=max_steps, initial=start, desc=f"stage 2 {method}", unit="step",
                disable=not master)
     log = StepLog(os.path.join(out_dir, "log.jsonl"), max_steps, G, master, write=bar.write,
@@ -461,11 +468,9 @@ def main(config):
         gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
         # DDP averaged the gradients: every rank takes this branch
         if not torch.isfinite(gnorm).item():
-            raise FloatingPointError(
-                f"step {step + 1}: loss {total.item()} and gradient norm {gnorm.item()} on rank "
-                f"{rank}; stopped before the update. The last good checkpoint is {ckpt} (" +
-                (f"step {json.load(open(os.path.join(ckpt, 'state.json')))['step']})"
-                 if os.path.isdir(ckpt) else "none yet)"))
+            rows = "" if method == "clip" else f"; cache {cache} rows " + ", ".join(
+                f"{f}[{r}]" for f, r, _, _ in sources[:8])
+            raise nonfinite_error(step + 1, total, gnorm, rank, ckpt, manifest, idx, rows)
         opt.step()
         with torch.no_grad():
             if loss == "softmax":

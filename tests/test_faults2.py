@@ -11,6 +11,7 @@ end are marked slow."""
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 
@@ -128,6 +129,7 @@ from tiny import tiny_llm  # noqa: E402
 def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("cache2")
     llm, man = tiny_llm(d / "llm"), write_manifest(d / "m.jsonl", n=20)  # 40 rows per field
+    write_images(d, 20)  # (before the index is built: stage 2 reads them)
     ref = d / "ref"
     embed(llm, man, ref)
     return llm, man, ref
@@ -373,3 +375,81 @@ def test_converter_names_a_line_that_is_not_utf8(tmp_path):
     assert r.returncode != 0 and f"{ann}: 1 fault(s), nothing written:" in r.stderr and \
         "  line 3: not UTF-8 (invalid continuation byte at byte" in r.stderr, r.stderr
     assert not out.exists()
+
+# -----------------------------------------------------------------------------
+# the stage scripts: a non-finite loss names the step and the batch; out_dir of another kind
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from tiny import run_script, tiny_clip  # noqa: E402
+
+def with_nan(folder, key):
+    """Put NaN into tensor `key` of an HF folder's model.safetensors."""
+    f = os.path.join(folder, "model.safetensors")
+    sd = load_file(f)
+    sd[key][0] = float("nan")
+    save_file(sd, f, metadata={"format": "pt"})
+
+@pytest.fixture(scope="module")
+def stages(world, tmp_path_factory):
+    llm, man, cache = world
+    d = tmp_path_factory.mktemp("stages")
+    nan_clip = tiny_clip(d / "nan_clip")
+    with_nan(nan_clip, "vision_model.post_layernorm.weight")
+    nan_llm = d / "nan_llm"
+    shutil.copytree(llm, nan_llm)
+    with_nan(nan_llm, "norm.weight")
+    return dict(llm=llm, man=man, cache=str(cache), clip=tiny_clip(d / "clip"), nan_clip=nan_clip,
+                nan_llm=str(nan_llm), d=d)
+
+def stage2_args(s, out, **kw):
+    return {**dict(method="llm2clip", manifest=s["man"], clip=s["clip"], llm=s["llm"],
+                   cache=s["cache"], out_dir=out, batch_size=4, max_steps=2, warmup_steps=1,
+                   embed_dim=16, num_workers=0, log_interval=1), **kw}
+
+def last_line(r):
+    """The exception line a script ended with (progress bars may print after it)."""
+    return [x for x in r.stderr.splitlines() if re.match(r"^[A-Za-z_.]*Error: ", x)][-1]
+
+@pytest.mark.slow
+def test_nonfinite_loss_names_step_and_batch(stages):
+    s = stages
+    r = run_script("train_stage2.py", stage2_args(s, s["d"] / "s2", clip=s["nan_clip"]),
+                   check=False)
+    line = last_line(r)
+    row("NaN in the image tower's weights", "train_stage2.py", line.replace(str(s["d"]) + "/", ""))
+    assert r.returncode != 0 and re.match(
+        rf"FloatingPointError: step 1: loss nan and gradient norm nan on rank 0; stopped before "
+        rf"the update\. This rank's batch: {s['man']} lines \d+, \d+, \d+, \d+; cache "
+        rf"{s['cache']} rows (long|short)\[\d+\], .*\. The last good checkpoint is "
+        rf"{s['d'] / 's2' / 'ckpt'} \(none yet\)$", line), r.stderr[-3000:]
+    r = run_script("train_stage1.py", dict(method="llm2clip", manifest=s["man"], model=s["nan_llm"],
+                                           out_dir=s["d"] / "s1", batch_size=4, max_steps=2,
+                                           warmup_steps=1, lora_r=2, lora_alpha=4, max_length=32,
+                                           log_interval=1), check=False)
+    line = last_line(r)
+    row("NaN in the LLM's weights", "train_stage1.py", line.replace(str(s["d"]) + "/", ""))
+    assert r.returncode != 0 and re.match(
+        rf"FloatingPointError: step 1: loss nan and gradient norm nan on rank 0; stopped before "
+        rf"the update\. This rank's batch: {s['man']} lines \d+, \d+, \d+, \d+\. The last good "
+        rf"checkpoint is", line), r.stderr[-3000:]
+
+@pytest.mark.slow
+def test_stage_out_dir_of_another_kind_is_refused(stages):
+    s = stages
+    out = s["d"] / "taken"
+    shutil.copytree(s["clip"], out)  # a model folder given as out_dir
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    r = run_script("train_stage2.py", stage2_args(s, out), check=False)
+    line = last_line(r)
+    row("stage out_dir holding a model folder", "train_stage2.py",
+        line.replace(str(s["d"]) + "/", ""))
+    assert r.returncode != 0 and line.startswith(
+        f"ValueError: out_dir={out}: holds {len(before)} entries train_stage2.py does not write ("), \
+        r.stderr[-2000:]
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+    r = run_script("train_stage1.py", dict(method="proclip", manifest=s["man"], model=s["llm"],
+                                           clip=s["clip"], cache=s["cache"], out_dir=s["cache"],
+                                           max_steps=2, warmup_steps=1, batch_size=4),
+                   check=False)
+    assert r.returncode != 0 and f"out_dir={s['cache']}: holds " in last_line(r), r.stderr[-2000:]
