@@ -308,8 +308,8 @@ def proclip_stage1(llm_name):
 
 def rows():
     out = [
-        llm2clip_stage1("stage1_llm2clip.py", "Llama-3.2-1B", 512),
-        llm2clip_stage1("stage1_llm2clip.py", "Llama-3.2-1B", 160),
+        llm2clip_stage1("stage1_llm2clip_llama32_1b.py", "Llama-3.2-1B", 512),
+        llm2clip_stage1("stage1_llm2clip_llama32_1b.py", "Llama-3.2-1B", 160),
         llm2clip_stage1("stage1_llm2clip_llama3_8b.py", "Llama-3-8B", 512),
         llm2clip_stage1("stage1_llm2clip_llama3_8b.py", "Llama-3-8B", 160),
         cache_row("Llama-3.2-1B"),

@@ -10,7 +10,7 @@
 method = "llm2clip"
 manifest = "data/fashion/out/train.jsonl"
 model = "data/smollm2/hf_8layers"  # SmolLM2's first 8 of 30 layers (demo.sh makes it; docs/experiments.md: why)
-out_dir = "out/stage1_llm2clip"
+out_dir = "out/demo/stage1_llm2clip"
 attention = "causal"
 pairs = "short:long,long=de,short=short_de"
 batch_size = 16

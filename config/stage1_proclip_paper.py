@@ -7,10 +7,11 @@
 # stage-1 loss (two captions in L_ins, one in L_struct), [ours] our choice: ProCLIP's training recipe
 # (batch, learning rate, steps) is not released, so these are ours, sized like LLM2CLIP's stage 2.
 method = "proclip"
-model = "models/LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned"  # [paper] Llama3-CC (the cache's LLM: fingerprint checked)
-clip = "models/clip-vit-large-patch14"   # [paper] the teacher: the CLIP whose ViT stage 2 tunes
-cache = "out/cache/llama3_8b_cc"         # embed_cache.py over the manifest with `model`
-out_dir = "out/stage1_proclip_vitl14"
+manifest = "out/paper/data/train_cc3m_cc12m.jsonl"  # paper.sh's layout
+model = "/data/models/LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned"  # [paper] Llama3-CC (the cache's LLM: fingerprint checked)
+clip = "/data/models/clip-vit-large-patch14"   # [paper] the teacher: the CLIP whose ViT stage 2 tunes
+cache = "out/paper/cache/train_released_cc3m_cc12m"         # embed_cache.py over the manifest with `model`
+out_dir = "out/paper/stage1_proclip_released_clip-vit-large-patch14_cc3m_cc12m"
 ins_fields = "short,short"   # [code] two captions the teacher reads whole (77 tokens); L_struct on the first
 struct_beta = 1.0            # [paper] SmoothL1 with beta 1
 adaptor_out = 0              # [paper] 0 = the teacher's joint width (768 for ViT-L/14): L_ins regresses onto it

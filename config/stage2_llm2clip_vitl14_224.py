@@ -9,10 +9,11 @@
 # Memory (`python -m bench.memory`): at 512 images per GPU a ViT-L/14 needs activation checkpointing
 # (the official run passes --grad-checkpointing): about 31 GiB per GPU with it at 224 px, 165 GiB without.
 method = "llm2clip"
-clip = "models/clip-vit-large-patch14"    # [ours] an HF folder of openai/clip-vit-large-patch14
-llm = "out/stage1_llm2clip_llama3_8b/merged"  # [ours] the LLM that made the cache (fingerprint checked)
-cache = "out/cache/llama3_8b"             # embed_cache.py over the same manifest with that LLM
-out_dir = "out/stage2_llm2clip_vitl14_224"
+clip = "/data/models/clip-vit-large-patch14"    # [ours] an HF folder of openai/clip-vit-large-patch14
+llm = "out/paper/stage1_llama3_8b/merged"  # [ours] the LLM that made the cache (fingerprint checked)
+cache = "out/paper/cache/train_llama3_8b_cc3m_cc12m"             # embed_cache.py over the same manifest with that LLM
+manifest = "out/paper/data/train_cc3m_cc12m.jsonl"  # paper.sh's layout
+out_dir = "out/paper/stage2_llm2clip_llama3_8b_clip-vit-large-patch14_cc3m_cc12m"
 fields = "short,long"        # [run.sh data] one caption per image per step, short or long at random
 embed_dim = 1280             # [json] embed_dim 1280: a fresh projection
 batch_size = 512             # [run.sh] --batch-size=512 per GPU x 8 GPUs = 4096 global
@@ -24,7 +25,7 @@ weight_decay = 0.05          # [run.sh] --wd 0.05
 grad_clip = 5.0              # [run.sh] --grad-clip-norm 5.0
 # [paper] 4 epochs of CC3M + CC12M (run.sh's name says 4ep; its --epochs says 20). One epoch is
 # 2,873,538 + 10,000,225 = 12,873,763 samples (run.sh's --train-num-samples-list), so at 4096 per step:
-#   4 x 12,873,763 / 4096 = 12,572.03 -> 12572 steps (3143 per epoch). Recompute from your image count.
+#   4 x 12,873,763 / 4096 = 12,572.03 -> 12572 steps (3143 per epoch). paper.sh: from the manifest's count.
 max_steps = 12572
 num_workers = 8              # [run.sh] --workers 8 per GPU
 dtype = "bfloat16"           # [ours] (run.sh: fp16)

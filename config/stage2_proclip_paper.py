@@ -2,18 +2,19 @@
 # its own 768-wide projection) against the stage-1 adaptor over Llama3-CC's cached embeddings, with an
 # EMA copy of the ViT as teacher, on one 8-GPU node:
 #   torchrun --standalone --nproc_per_node=8 train_stage2.py config/stage2_proclip_paper.py --manifest=<train.jsonl>
-# For 336 px: --clip=models/clip-vit-large-patch14-336 --out_dir=... and a stage 1 against that CLIP's text tower.
+# For 336 px: --clip=/data/models/clip-vit-large-patch14-336 --out_dir=... and a stage 1 against that CLIP's text tower.
 # Provenance: [paper] the ProCLIP paper, [llm2clip] the LLM2CLIP stage-2 settings of
 # config/stage2_llm2clip_vitl14_224.py (ProCLIP's own recipe is not released: we compare the two methods
 # at the same settings, as docs/design.md asks), [ours] our choice where the paper gives no value.
 # Memory: as LLM2CLIP's 224 run plus the EMA teacher (about 32 GiB per GPU with activation checkpointing,
 # 168 GiB without; `python -m bench.memory`).
 method = "proclip"
-clip = "models/clip-vit-large-patch14"
-llm = "models/LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned"  # [paper] Llama3-CC, as in stage 1
-cache = "out/cache/llama3_8b_cc"
-stage1 = "out/stage1_proclip_vitl14"     # [paper] the adaptor starts from stage 1
-out_dir = "out/stage2_proclip_vitl14_224"
+manifest = "out/paper/data/train_cc3m_cc12m.jsonl"  # paper.sh's layout
+clip = "/data/models/clip-vit-large-patch14"
+llm = "/data/models/LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned"  # [paper] Llama3-CC, as in stage 1
+cache = "out/paper/cache/train_released_cc3m_cc12m"
+stage1 = "out/paper/stage1_proclip_released_clip-vit-large-patch14_cc3m_cc12m"     # [paper] the adaptor starts from stage 1
+out_dir = "out/paper/stage2_proclip_released_clip-vit-large-patch14_cc3m_cc12m"
 fields = "short,long"        # [llm2clip]
 embed_dim = 0                # [paper] CLIP's own joint width (768): stage 1 regressed onto it
 ema_momentum = 0.999         # [ours] the paper gives none; half-life ~700 steps

@@ -49,7 +49,7 @@ def test_paper_recipes_numbers():
         assert opt == (1e-5, 0.05, 0.85, 5.0, 0)
     assert cfg("stage2_llm2clip_vitl14_224.py")["embed_dim"] == 1280
     assert cfg("stage2_proclip_paper.py")["embed_dim"] == 0  # CLIP's own width
-    for name in ("stage1_llm2clip.py", "stage1_llm2clip_llama3_8b.py"):
+    for name in ("stage1_llm2clip_llama32_1b.py", "stage1_llm2clip_llama3_8b.py"):
         c = cfg(name)
         assert c["batch_size"] * GPUS == 512 and c["max_steps"] == -(-CC3M // 512)  # 1 epoch, rounded up
         assert (c["lr"], c["warmup_steps"], c["lora_r"], c["lora_alpha"], c["max_length"]) == (2e-4, 300, 16, 32, 512)

@@ -257,18 +257,21 @@ def test_prepare_shards_with_sidecars(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         assert f"wrote {out}: {covered} images from 3 shards" in r.stdout and f"no long {15 - covered}" in r.stdout, r.stdout
         skipped = [json.loads(x) for x in open(str(out) + ".skipped.jsonl")]
-        assert len(skipped) == 15 - covered and skipped[0]["why"] == "no long caption in the sidecar"
+        assert len(skipped) == 15 - covered and skipped[0]["why"] == "no long caption (in the sidecars or KEY.json)"
         recs = [json.loads(x) for x in open(out)]
         if sidecar == dl:
+            # the SV pair becomes short/long (recaptions=SV), the alt-text raw; the others are not kept
             assert recs[0] == {"image": "../shards/00000.tar/000000003.jpg", "captions": {
-                "short": ["a red shirt 000000003"], "shortIB": ["short ib"], "longIB": ["long ib, of 000000003"],
-                "shortSV": ["short sv"], "longSV": ["long sv\nsecond line"], "shortLLA": ["short lla"],
-                "longLLA": ["long lla"]}}
+                "short": ["short sv"], "long": ["long sv\nsecond line"], "raw": ["a red shirt 000000003"]}}
         if sidecar == s4v:
             assert recs[0]["captions"]["long"] == ["share\ncaption 000010004"]  # the gpt turn as written
-        os.remove(out)
-        os.remove(str(out) + ".skipped.jsonl")
-    r = prepare(shards=tmp_path / "shards", out=out, workers=1)  # no sidecar: every image, alt-text only
+            assert recs[0]["captions"]["short"] == ["a red shirt 000010004"]  # no short recaption: alt-text
+        for name in ("", ".skipped.jsonl", ".prepare.json"):
+            os.remove(str(out) + name)
+    r = prepare(shards=tmp_path / "shards", out=out, workers=1)  # no recaption anywhere: refused
+    assert r.returncode != 0 and "no image left from 3 shards (no long caption anywhere" in r.stderr, r.stderr
+    # alt-text only, when asked for
+    r = prepare(shards=tmp_path / "shards", out=out, workers=1, require_long=False)
     assert r.returncode == 0 and "wrote" in r.stdout and os.path.isdir(str(out) + ".index"), r.stderr[-2000:]
     man = Manifest(out).check(fields=["short"])
     assert len(man) == 15 and man[7]["image"] == "../shards/00001.tar/000010002.jpg"
@@ -279,14 +282,17 @@ def test_prepare_shards_with_sidecars(tmp_path):
         assert name == f"{tmp_path / 'data' / '..' / 'shards' / (key[:5] + '.tar')} member {key}.jpg"
     ds = ImageDataset(man, size=16, train=True, seed=1)
     assert ds[3][0].shape == (3, 16, 16)
-    assert prepare(shards=tmp_path / "shards", out=out).stdout.endswith("nothing to do (delete it to prepare again)\n")
+    assert prepare(shards=tmp_path / "shards", out=out, require_long=False).stdout.endswith(
+        "nothing to do (delete it to prepare again)\n")
+    r = prepare(shards=tmp_path / "shards", out=out)  # other settings: refused, the manifest kept
+    assert r.returncode != 0 and "was prepared with other settings" in r.stderr and len(Manifest(out)) == 15
 
 
 @pytest.mark.slow
 def test_damaged_shards(tmp_path):
     keys = write_shards(tmp_path / "shards")
     out = tmp_path / "train.jsonl"
-    assert prepare(shards=tmp_path / "shards", out=out).returncode == 0
+    assert prepare(shards=tmp_path / "shards", out=out, require_long=False).returncode == 0
     shard = tmp_path / "shards" / "00001.tar"
     data = shard.read_bytes()
     # a member's bytes corrupted in place (same size): the index still finds it, decoding names shard and member
@@ -309,13 +315,13 @@ def test_damaged_shards(tmp_path):
     ds = ImageDataset(Manifest(out).check(images="skip"), size=8, skip_bad=True)
     assert ds[i][1] == 10 and ds.n_skipped == 3  # lines 8, 9, 10 gone: replaced by line 11 (the next shard)
     # prepare on the damaged shard: stops naming it, or keeps what it can with skip_bad
-    r = prepare(shards=tmp_path / "shards", out=tmp_path / "again.jsonl")
+    r = prepare(shards=tmp_path / "shards", out=tmp_path / "again.jsonl", require_long=False)
     assert r.returncode != 0 and f"{shard}: truncated: member 000010002.jpg needs" in r.stderr and \
         "(last good member 000010001.json)" in r.stderr, r.stderr[-2000:]
-    r = prepare(shards=tmp_path / "shards", out=tmp_path / "again.jsonl", skip_bad=True)  # shard 0 is kept from the run
+    r = prepare(shards=tmp_path / "shards", out=tmp_path / "again.jsonl", skip_bad=True, require_long=False)  # shard 0 is kept from the run
     assert r.returncode != 0 and "again.jsonl.parts holds finished shards of a run with other settings" in r.stderr
     shutil.rmtree(tmp_path / "again.jsonl.parts")
-    r = prepare(shards=tmp_path / "shards", out=tmp_path / "again.jsonl", skip_bad=True)
+    r = prepare(shards=tmp_path / "shards", out=tmp_path / "again.jsonl", skip_bad=True, require_long=False)
     assert r.returncode == 0 and "wrote" in r.stdout and "damaged shards 1" in r.stdout, r.stdout
     assert len(open(tmp_path / "again.jsonl").read().splitlines()) == 12
 
