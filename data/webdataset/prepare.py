@@ -68,6 +68,7 @@ import os
 import shutil
 import sys
 import time
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -231,7 +232,7 @@ def spool_sidecar(paths, folder):
     if os.path.isfile(table) and os.path.isfile(stats_path):
         with open(stats_path) as f:
             return json.load(f)
-    hashes, offsets, at = [], [], 0
+    hashes, offsets, at = array("Q"), array("Q"), 0  # 16 bytes an entry, not Python ints
     with open(spool + ".tmp", "w", encoding="utf-8") as f:
         for path in paths:
             for key, caps in tqdm(sidecar_entries(path), desc=f"reading {os.path.basename(path)}",
@@ -241,7 +242,7 @@ def spool_sidecar(paths, folder):
                 offsets.append(at)
                 f.write(line)
                 at += len(line.encode("utf-8"))
-    rows = np.array([hashes, offsets], dtype=np.uint64).T.copy() if hashes else np.zeros((0, 2), np.uint64)
+    rows = np.stack([np.frombuffer(hashes, np.uint64), np.frombuffer(offsets, np.uint64)], axis=1)
     rows = rows[np.argsort(rows[:, 0], kind="stable")]
     dup = np.flatnonzero(rows[1:, 0] == rows[:-1, 0]) + 1 if len(rows) else np.zeros(0, np.int64)
     named = []
