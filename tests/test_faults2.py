@@ -86,6 +86,27 @@ def test_index_records_every_file(tmp_path):
                                                 dtype="int64", shape=[6])
 
 # -----------------------------------------------------------------------------
+# rule 6: malformed JSONL lines named with file and line
+
+def test_malformed_manifest_lines_are_named(tmp_path):
+    good = json.dumps({"image": "0.png", "captions": {"short": ["a red shirt"]}}).encode()
+    m = tmp_path / "m.jsonl"
+    write_images(tmp_path, 1)
+    m.write_bytes(b"\n".join([good, b'{"image": "caf\xe9.png"}', b"[1, 2]", b"", good,
+                              good[:20]]))  # latin-1, not an object, empty, cut short at the end
+    with pytest.raises(ValueError) as e:
+        Manifest(m, quiet=True).check(images="ignore")
+    msg = str(e.value)
+    row("latin-1 byte, a list, an empty line, a cut last line in a JSONL manifest",
+        "any script opening m.jsonl", " / ".join(msg.splitlines()[:2]).replace(str(tmp_path), ""))
+    assert msg.startswith(f"{m}: 4 fault(s) on 4 of 6 lines:\n"), msg
+    for n, why in ((2, "malformed JSON: 'utf-8' codec can't decode byte 0xe9"),
+                   (3, "expected a JSON object, got list"),
+                   (4, "blank line (record i must be line i + 1)"),
+                   (6, "malformed JSON: Unterminated string")):
+        assert f"\n  line {n}: {why}" in msg, (n, msg)
+
+# -----------------------------------------------------------------------------
 # rule 5: duplicates in and across tar shards are counted, named and kept
 
 def test_duplicate_keys_across_and_within_shards(tmp_path, capsys):
@@ -445,7 +466,8 @@ def test_stage_out_dir_of_another_kind_is_refused(stages):
     row("stage out_dir holding a model folder", "train_stage2.py",
         line.replace(str(s["d"]) + "/", ""))
     assert r.returncode != 0 and line.startswith(
-        f"ValueError: out_dir={out}: holds {len(before)} entries train_stage2.py does not write ("), \
+        f"ValueError: out_dir={out}: holds {len(before)} entries train_stage2.py does not "
+        "write ("), \
         r.stderr[-2000:]
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
     r = run_script("train_stage1.py", dict(method="proclip", manifest=s["man"], model=s["llm"],
