@@ -34,10 +34,13 @@ In: `model`, one of three kinds of folder, told apart by their files:
   * an HF Llama folder (model_type "llama"): caption-to-caption retrieval only, the stage-1 check,
     with `instruction` on the queries and not on the gallery, each caption wrapped in `template`,
     over `c2c_field` of `manifest` and the CuPL set (single-manifest mode only).
+  Images and texts are embedded by encoder.py (the classes load_encoder builds), the one way to
+  embed in this project.
 Out: a table on stdout and `out` (JSON): {"name", "model", "kind", "results": {metric: percent},
-  "counts", "config", "seconds", ...}. With `benchmarks`, results are named <benchmark>_<metric>
-  (below) and the JSON also holds "benchmarks" (folder, manifest, protocol, cache of each),
-  "avg_of", "seconds_per_benchmark" and "table" (the printed lines).
+  "counts", "config", "seconds", ...}. An existing `out` that is not such a file is refused, not
+  overwritten (overwrite=True replaces it). With `benchmarks`, results are named
+  <benchmark>_<metric> (below) and the JSON also holds "benchmarks" (folder, manifest, protocol,
+  cache of each), "avg_of", "seconds_per_benchmark" and "table" (the printed lines).
 
 The benchmarks (BENCHMARKS below; each folder holds the converter's manifest):
   flickr30k, coco   multi-caption retrieval of field "short" (5 captions an image; COCO's 25,010
@@ -90,15 +93,15 @@ from collections import namedtuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import embedder as EM
 import llama as LM
 import model as M
-from images import ImageDataset, collate
+import encoder as EN
+from encoder import model_kind
 from manifest import Manifest, caption_rows
 from embed_cache import open_cache, read_meta
-from train_common import model_fingerprint, write_json
+from train_common import write_json
 
 # -----------------------------------------------------------------------------
 model = ""                       # stage-2 folder, HF CLIP folder, or HF Llama folder (c2c only, the
@@ -139,6 +142,7 @@ max_length = 512                 # Llama mode: tokens per caption (stage 2 uses 
 batch_size = 64
 num_workers = 0                  # DataLoader processes decoding images (0 = in this process)
 out = "out/eval.json"
+overwrite = False                # replace `out` even if it is not an evaluate.py output
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # the LLM's compute dtype (towers:
                                                                 # bf16 autocast on GPUs)
@@ -233,31 +237,6 @@ def c2c_top1(queries, gallery, group, chunk=1024):
 # -----------------------------------------------------------------------------
 # inputs
 
-def model_kind(path):
-    """"stage2", "clip" or "llama", from the folder's files."""
-    if (os.path.isfile(os.path.join(path, "adaptor.json")) and
-            os.path.isfile(os.path.join(path, "text.json"))):
-        return "stage2"
-    cfg_path = os.path.join(path, "config.json")
-    mt = None
-    if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            mt = json.load(f).get("model_type")
-        if mt in ("clip", "llama"):
-            return mt
-        if mt in ("siglip", "siglip_vision_model"):
-            raise ValueError(f"model={path!r}: an HF SigLIP folder (model_type {mt!r}). "
-                             f"evaluate.py does not evaluate a SigLIP model with its own text "
-                             f"tower (model.py implements SigLIP's image tower only); a SigLIP "
-                             f"model is evaluated as a stage-2 model: its image tower plus an "
-                             f"adaptor over an LLM (train_stage2.py's output folder, with "
-                             f"adaptor.json and text.json)")
-    found = f"config.json has model_type {mt!r}" if os.path.isfile(cfg_path) else \
-        ("not a directory" if not os.path.isdir(path) else "no config.json")
-    raise ValueError(f"model={path!r}: not a model folder evaluate.py knows ({found}); expected a "
-                     f"stage-2 output (adaptor.json + text.json + config.json), an HF CLIP folder "
-                     f"(model_type 'clip') or an HF Llama folder (model_type 'llama')")
-
 def read_classes(path):
     """(class names, templates) of a zero-shot spec {"classes": [...], "templates": ["... {} ...",
     ...]}."""
@@ -279,52 +258,20 @@ def split(fields):
     return [f for f in fields.split(",") if f]
 
 # -----------------------------------------------------------------------------
-# the text side of each kind of model: texts -> embeddings in the joint space, and a manifest's
-# fields
+# the model, through encoder.py (the one way to embed); a stage-2 model's cached LLM embeddings go
+# through the same adaptor call (StageTwoText.joint)
 
-def _chunks(texts, size, desc):
-    starts = range(0, len(texts), size)
-    return tqdm(starts, desc=desc, leave=False, disable=len(starts) < 2)
-
-class CLIPText:
-    """CLIP's own text tower: texts truncated to its context like CLIP."""
-
-    def __init__(self, path, device):
-        self.tower = M.CLIPTextTower.from_pretrained(path).to(device).eval()
-        self.tok, self.device = M.load_tokenizer(path), device
-
-    @torch.no_grad()
-    def __call__(self, texts):
-        out = []
-        for s in _chunks(texts, batch_size, "text tower"):
-            ids, mask = self.tower.tokenize(self.tok, texts[s:s + batch_size])
-            with torch.autocast("cuda", torch.bfloat16, enabled=self.device.startswith("cuda")):
-                e = self.tower(ids.to(self.device), mask.to(self.device))
-            out.append(F.normalize(e.float(), dim=-1))
-        return torch.cat(out)
+class CLIPText(EN.CLIPText):
+    """encoder.CLIPText (CLIP's own text tower), and a manifest's caption fields."""
 
     def field(self, man, f, cache_dir=""):
         """(None: no LLM, joint embeddings) of the field's captions in caption_rows order."""
         return None, self(caption_rows(man, f)[0])
 
-class StageTwoText:
-    """normalize(adaptor(e)), e the LLM's normalised mean-pooled embedding: read from a cache for a
-    manifest's captions when there is one, else computed by the LLM (loaded on first use)."""
-
-    def __init__(self, path, device):
-        # how the adaptor's training embeddings were made (an older text.json: read_spec's defaults)
-        self.spec, self.info = EM.read_spec(os.path.join(path, "text.json"))
-        self.path, self.llm_path = path, llm or self.info["llm"]
-        if not os.path.isdir(self.llm_path):
-            raise FileNotFoundError(f"{self.llm_path}: the LLM of {path}/text.json is not there; "
-                                    f"pass --llm=<its folder>")
-        # the adaptor was trained on this LLM's embeddings: another one (e.g. via --llm) means
-        # garbage
-        if model_fingerprint(self.llm_path) != self.info["llm_sha256"]:
-            raise ValueError(f"{self.llm_path}: not the LLM {path} was trained with "
-                             f"(its fingerprint differs from llm_sha256 in {path}/text.json)")
-        self.adaptor = M.Adaptor.from_pretrained(path).to(device).eval()
-        self.device, self.llm = device, None
+class StageTwoText(EN.StageTwoText):
+    """encoder.StageTwoText (the LLM as text.json says, the adaptor), and a manifest's caption
+    fields, from a cache when there is one: its rows go through the same as_cached and joint as
+    the LLM's embeddings do."""
 
     def check_cache(self, cache_dir):
         """The cache's embeddings must be made as the adaptor's training embeddings were: the same
@@ -335,58 +282,27 @@ class StageTwoText:
                       fix="use a cache embedded with {key}={want!r}, or none (the LLM then runs)")
 
     def open_field(self, cache_dir, man, f):
-        """The cache's (N, D) float16 rows of field f, checked against this LLM and the manifest's
-        captions."""
+        """The cache's (N, D) float16 rows of field f, checked against this LLM and the
+        manifest's captions."""
         return open_cache(cache_dir, f, self.llm_path, man)
-
-    def llm_embed(self, texts):
-        if self.llm is None:
-            self.llm = (LM.Llama.from_pretrained(self.llm_path, dtype=getattr(torch, dtype),
-                                                 causal=self.spec.attention == "causal")
-                        .to(self.device).eval())
-            self.tok = M.load_tokenizer(self.llm_path)
-        chunk, sp = 16 * batch_size, self.spec
-        return torch.cat([EM.embed_texts(self.llm, self.tok, texts[s:s + chunk], sp.instruction,
-                                         sp.max_length, batch_size, sp.template)
-                          for s in _chunks(texts, chunk, "LLM")])
-
-    @torch.no_grad()
-    def joint(self, e):
-        with torch.autocast("cuda", torch.bfloat16, enabled=self.device.startswith("cuda")):
-            return F.normalize(self.adaptor(e.to(self.device)).float(), dim=-1)
-
-    def __call__(self, texts):
-        return self.joint(self.llm_embed(texts))
 
     def field(self, man, f, cache_dir=""):
         """(LLM embeddings, joint embeddings) of the field's captions in caption_rows order."""
-        if cache_dir:  # float16 rows, renormalised in fp32
-            e = F.normalize(torch.from_numpy(np.asarray(self.open_field(cache_dir, man, f),
-                                                        dtype=np.float32)), dim=-1)
+        if cache_dir:
+            e = EN.as_cached(np.asarray(self.open_field(cache_dir, man, f), dtype=np.float32))
         else:
             e = self.llm_embed(caption_rows(man, f)[0])
         e = e.to(self.device)
         return e, self.joint(e)
 
-@torch.no_grad()
-def image_embeddings(tower, man, device, rows=None):
-    """(N, D) L2-normalised embeddings of the images of a Manifest (or of its records `rows`), in
-    order, each preprocessed as its tower expects (CLIP: shortest side and centre crop; SigLIP: a
-    square resize)."""
-    ds = ImageDataset(man, preprocess=tower.preprocess, train=False)
-    if rows is not None:
-        ds = torch.utils.data.Subset(ds, rows)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate,
-                                         num_workers=num_workers)
-    out = []
-    for pixels, _, _ in tqdm(loader, desc="images", leave=False):
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
-            e = tower(pixels.to(device))
-        out.append(F.normalize(e.float(), dim=-1))
-    return torch.cat(out)
-
 def text_side(kind, device):
-    return (StageTwoText if kind == "stage2" else CLIPText)(model, device)
+    if kind == "stage2":
+        return StageTwoText(model, device, llm or None, dtype, batch_size)
+    return CLIPText(model, device, batch_size)
+
+def image_embeddings(tower, man, device, rows=None):
+    """encoder.image_embeddings with this run's batch size and DataLoader workers."""
+    return EN.image_embeddings(tower, man, device, rows, batch_size, num_workers)
 
 def how_text_embeds(text):
     """What the output JSON records of how a stage-2 text side embeds: template and attention."""
@@ -656,12 +572,31 @@ def evaluate_benchmarks(kind, device):
 
 # -----------------------------------------------------------------------------
 
+OUT_KEYS = ("name", "model", "kind", "results", "counts", "config")  # in every output's JSON
+
+def foreign_output(path):
+    """Why the existing file `path` is not an evaluate.py output (None if it is one, or is not
+    there): the command replaces only what it wrote."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"it does not read as JSON ({type(e).__name__})"
+    missing = [k for k in OUT_KEYS if k not in rec] if isinstance(rec, dict) else list(OUT_KEYS)
+    return f"its JSON has no {missing[0]!r}" if missing else None
+
 def main(config):
     from configurator import check
     check(config, positive=("batch_size", "max_length"), nonnegative=("num_workers",),
           choices={"dtype": ("float32", "bfloat16", "float16"), "attention": EM.ATTENTION},
           files=("out",),
           rules=[(model != "", "model='': name a stage-2, HF CLIP or HF Llama folder")])
+    why = None if overwrite else foreign_output(out)
+    if why:
+        raise ValueError(f"out={out!r}: the file exists and is not an evaluate.py output ({why}); "
+                         f"not overwriting it: name another file, or set --overwrite=True")
     t0 = time.time()
     kind = model_kind(model)
     if (cache or llm or caches) and kind != "stage2":
