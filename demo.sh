@@ -77,3 +77,4 @@ for name, r in rows.items():
 json.dump({"rows": rows, "seconds": seconds, "device": device, "seed": seed, "llm_layers": layers}, open(f"{out}/results.json", "w"), indent=2)
 print(f"{seconds}s; wrote {out}/results.json")
 PY
+python data/fashion/results_png.py --demo="$out" --data="$data"  # $out/results.png: what each model retrieves
