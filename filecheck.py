@@ -52,6 +52,15 @@ def npy_layout(path):
     except (OSError, ValueError, EOFError) as e:
         raise ValueError(f"{path}: not a readable .npy ({type(e).__name__}: {e})") from None
 
+def dtype_str(dt):
+    """A dtype as JSON: its name ("float16"), or numpy's field list for a structured dtype."""
+    dt = np.dtype(dt)
+    return dt.name if dt.fields is None else np.lib.format.dtype_to_descr(dt)
+
+def dtype_of(x):
+    """The dtype a dtype_str names (JSON turned the field tuples into lists)."""
+    return np.dtype(x if isinstance(x, str) else [tuple(f) for f in x])
+
 def npy_record(dtype, shape):
     """The record of a complete C-order .npy of this dtype and shape, as numpy writes it (before the
     file exists: what a preallocating writer records)."""
@@ -61,7 +70,7 @@ def npy_record(dtype, shape):
         buf, {"descr": np.lib.format.dtype_to_descr(dt), "fortran_order": False,
               "shape": tuple(shape)})
     return {"bytes": buf.tell() + int(np.prod(shape, dtype=np.int64)) * dt.itemsize,
-            "dtype": dt.name, "shape": [int(n) for n in shape]}
+            "dtype": dtype_str(dt), "shape": [int(n) for n in shape]}
 
 def sha256_file(path):
     h = hashlib.sha256()
@@ -75,7 +84,7 @@ def describe(path, digest=False):
     rec = {"bytes": os.path.getsize(path)}
     if path.endswith(".npy"):
         shape, dt, _ = npy_layout(path)
-        rec.update(dtype=dt.name, shape=list(shape))
+        rec.update(dtype=dtype_str(dt), shape=list(shape))
     if digest:
         rec["sha256"] = sha256_file(path)
     return rec
@@ -94,7 +103,7 @@ def file_fault(path, rec, by="meta.json"):
             shape, dt, offset = npy_layout(path)
         except ValueError as e:
             return str(e).split(": ", 1)[1]
-        want = (np.dtype(rec["dtype"]), tuple(rec["shape"]))
+        want = (dtype_of(rec["dtype"]), tuple(rec["shape"]))
         if (dt, shape) != want:
             return f"holds {dt} {shape}, {by} records {want[0]} {want[1]}"
         full = offset + int(np.prod(shape, dtype=np.int64)) * dt.itemsize

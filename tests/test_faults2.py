@@ -136,6 +136,8 @@ def test_duplicate_keys_across_and_within_shards(tmp_path, capsys):
     img, _ = man.open_image(1)
     assert np.array_equal(np.asarray(img), np.asarray(Image.open(io.BytesIO(png(2)))))  # first
     assert len(man) == 4  # nothing dropped
+    Manifest(m)  # opened again: every recorded file (member.npy, a structured dtype, too) checks out
+    assert capsys.readouterr().err == ""
 
 # -----------------------------------------------------------------------------
 # the embedding cache, run in this process (embed_cache.main reads its module's settings)
