@@ -163,24 +163,29 @@ def test_cache_of_another_llm_is_refused(setup, tmp_path):
     assert r.returncode != 0 and "made by another model" in r.stderr and setup["cache"] in r.stderr
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path):
-    """A NaN in the cache reaches the loss at a known step: the run stops there, before the update, and
-    the last checkpoint (the step before) is intact and finite."""
+    """A NaN in the cache is refused when the cache is opened, before any step (naming the cache, the
+    field and the first row). A loss that turns NaN mid-run (here: lr=1e30 blows the weights up
+    after the first update) stops at that step, before the update, and the last checkpoint (the
+    step before) is intact and finite."""
+    import re
     import shutil
     cache = tmp_path / "cache"
     shutil.copytree(setup["cache"], cache)
-    # poison every caption of an image of the 3rd step (0-based 2: epoch 0 has N / 8 = 3 steps, so no
-    # earlier step drew it; the data order is a function of the seed)
-    from train_common import global_batch
-    _, images, _ = global_batch(1337, 2, N, 8)
-    for field, per_image in (("short", 2), ("long", 2)):
-        arr = np.load(cache / f"{field}.npy", mmap_mode="r+")
-        arr[images[0] * per_image:(images[0] + 1) * per_image] = np.nan
-        arr.flush()
-    s = dict(setup, cache=str(cache))
-    r, log = train(s, tmp_path / "run", ckpt_interval=1, check=False)
-    assert r.returncode != 0 and "step 3:" in r.stderr and "last good checkpoint" in r.stderr, r.stderr[-2000:]
+    arr = np.load(cache / "long.npy", mmap_mode="r+")
+    arr[5] = np.nan
+    arr.flush()
+    del arr
+    r, _ = train(dict(setup, cache=str(cache)), tmp_path / "nan_cache", check=False)
+    assert r.returncode != 0 and f"{cache / 'long.npy'}: 1 row(s) of field 'long' hold NaN or " \
+        "infinity, the first row 5" in r.stderr, r.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "nan_cache" / "ckpt")
+    r, log = train(setup, tmp_path / "run", ckpt_interval=1, lr=1e30, check=False)
+    m = re.search(r"step (\d+): loss \S+ and gradient norm \S+ on rank 0; stopped before the "
+                  r"update\. This rank's batch: \S+ lines [\d, ]+; cache \S+ rows ", r.stderr)
+    assert r.returncode != 0 and m and "last good checkpoint" in r.stderr, r.stderr[-2000:]
+    k = int(m.group(1))
     state = json.load(open(tmp_path / "run" / "ckpt" / "state.json"))
-    assert state["step"] == 2 and [e["step"] for e in log] == [1, 2]
+    assert k >= 2 and state["step"] == k - 1 and [e["step"] for e in log] == list(range(1, k))
     assert all(torch.isfinite(v).all() for v in weights(tmp_path / "run").values())
     assert not os.path.exists(tmp_path / "run" / "model")
 
