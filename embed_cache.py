@@ -248,8 +248,12 @@ def preallocate(path, record):
         with open(tmp, "wb") as f:
             np.lib.format.write_array_header_1_0(
                 f, {"descr": "<f2", "fortran_order": False, "shape": tuple(record["shape"])})
-            if hasattr(os, "posix_fallocate"):
+            try:
                 os.posix_fallocate(f.fileno(), 0, record["bytes"])
+            except (AttributeError, OSError) as e:  # not on this platform or file system: sparse
+                if getattr(e, "errno", None) not in (None, errno.EOPNOTSUPP, errno.ENOSYS,
+                                                     errno.EINVAL):
+                    raise
             f.truncate(record["bytes"])
     except OSError as e:
         if os.path.exists(tmp):
