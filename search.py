@@ -241,18 +241,25 @@ def open_index(enc, folder, source=""):
 
 def top_k(rows_path, q, k, block, skipped=()):
     """(scores (Q, k'), rows (Q, k')) of the k best index rows for each query q (Q, D) float32,
-    best first, k' = min(k, readable rows). Reads `block` rows at a time with plain reads (no map
-    of the whole file: resident memory stays O(block x D) however large the index)."""
+    best first, k' = min(k, readable rows). Reads `block` rows at a time into buffers made once
+    (fp16 as read, fp32 to multiply, the scores): no map of the whole file and no allocation per
+    block, so resident memory stays O(block x (D + Q)) however large the index."""
     shape, _, offset = npy_layout(rows_path)
     n, d = shape
     bad = torch.as_tensor(sorted(int(i) for i in skipped), dtype=torch.long)
     best_s, best_i = q.new_empty(q.shape[0], 0), torch.empty(q.shape[0], 0, dtype=torch.long)
+    rows = min(block, n)
+    raw, x32 = torch.empty(rows, d, dtype=torch.float16), torch.empty(rows, d)
+    scores = torch.empty(q.shape[0] * rows)
+    into = memoryview(raw.numpy()).cast("B")
     with open(rows_path, "rb") as f:
         f.seek(offset)
         for s in range(0, n, block):
             b = min(block, n - s)
-            x = np.fromfile(f, np.float16, b * d)  # the next b rows
-            sim = q @ torch.from_numpy(x.reshape(b, d).astype(np.float32)).T  # (Q, b)
+            if f.readinto(into[:b * d * 2]) != b * d * 2:
+                raise ValueError(f"{rows_path}: ends before row {s + b} of {n}")
+            sim = scores[:q.shape[0] * b].view(q.shape[0], b)  # (Q, b)
+            torch.mm(q, x32[:b].copy_(raw[:b]).T, out=sim)  # fp16 rows -> fp32
             here = bad[(bad >= s) & (bad < s + b)] - s
             sim[:, here] = float("-inf")
             ts, ti = sim.topk(min(k, b), dim=1)
