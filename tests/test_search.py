@@ -204,3 +204,18 @@ def test_the_command_line_says_what_is_wrong(tiny, tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == \
         f"search.py: images='{tmp_path / 'empty'}': no image files (" + \
         " ".join(S.EXTENSIONS) + ") in it or below"
+
+def test_bench_search_runs_its_synthetic_part(tmp_path, capsys):
+    import bench.search as B
+    saved = {k: getattr(B, k) for k in ("demo", "sizes", "dim", "work", "out_md", "repeats")}
+    try:
+        B.demo, B.sizes, B.dim, B.repeats = "", "1000,3000", 8, 1
+        B.work, B.out_md = str(tmp_path / "work"), str(tmp_path / "search.md")
+        B.main()
+    finally:
+        for k, v in saved.items():
+            setattr(B, k, v)
+    lines = (tmp_path / "search.md").read_text().splitlines()
+    assert lines[2] == "| measurement | result |" and len(lines) == 4 + 4
+    assert "| 100 queries -> top 5 of 3,000 rows x 8" in lines[-1]
+    assert not (tmp_path / "work").exists()  # the synthetic indexes are removed
