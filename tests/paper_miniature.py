@@ -20,7 +20,6 @@ import io
 import json
 import os
 import sys
-import tarfile
 
 import numpy as np
 import torch
@@ -32,7 +31,7 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]  # tests/ and the repository
 from chat_tokenizers import llama3_tokenizer  # noqa: E402
 from test_converters import blip_coco, blip_flickr, docci, sharegpt4v, urban1k, val_map, xm3600  # noqa: E402
 from test_llm2clip_release import released_llm  # noqa: E402
-from tiny import WORDS, tiny_clip  # noqa: E402
+from tiny import WORDS, tiny_clip, write_tar  # noqa: E402
 
 DREAMLIP = ("shortIB_captions", "longIB_captions", "shortSV_captions", "longSV_captions",
             "shortLLA_captions", "longLLA_captions")
@@ -51,14 +50,6 @@ def jpeg_bytes(rng, size=24):
     b = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(b, "JPEG")
     return b.getvalue()
-
-
-def write_tar(path, members):
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
 
 
 def shards(folder, source, n_shards, per_shard, rng, in_key_json):

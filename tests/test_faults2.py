@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import tarfile
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from PIL import Image
 
 import filecheck
 from manifest import Manifest
-from tiny import write_images, write_manifest
+from tiny import write_images, write_manifest, write_tar
 
 TABLE = []  # (fault, command, first line of the message or the count), in the order run
 
@@ -40,14 +39,6 @@ def png(i, size=8):
     buf = io.BytesIO()
     Image.new("RGB", (size, size), (30 * i % 256, 90, 200)).save(buf, format="PNG")
     return buf.getvalue()
-
-def tar(path, members):
-    """A tar file of (name, bytes) members, in order (a name may come twice)."""
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
 
 # -----------------------------------------------------------------------------
 # rule 1: the manifest index is checked on open, and rebuilt when damaged
@@ -112,8 +103,8 @@ def test_malformed_manifest_lines_are_named(tmp_path):
 def test_duplicate_keys_across_and_within_shards(tmp_path, capsys):
     s = tmp_path / "s"
     s.mkdir()
-    tar(s / "0.tar", [("a.png", png(1)), ("b.png", png(2)), ("b.png", png(3))])  # b twice
-    tar(s / "1.tar", [("a.png", png(4)), ("c.png", png(5))])  # a again, in another shard
+    write_tar(s / "0.tar", [("a.png", png(1)), ("b.png", png(2)), ("b.png", png(3))])  # b twice
+    write_tar(s / "1.tar", [("a.png", png(4)), ("c.png", png(5))])  # a again, in another shard
     lines = ["s/0.tar/a.png", "s/0.tar/b.png", "s/1.tar/a.png", "s/1.tar/c.png"]
     m = tmp_path / "m.jsonl"
     m.write_text("".join(json.dumps({"image": p, "captions": {"short": ["a red shirt"]}}) + "\n"

@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from paper_miniature import DREAMLIP, dreamlip_csv, jpeg_bytes, shards, write_tar
-from tiny import ROOT
+from paper_miniature import DREAMLIP, dreamlip_csv, jpeg_bytes, shards
+from tiny import ROOT, write_tar
 
 
 def prepare(**kw):

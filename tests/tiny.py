@@ -63,6 +63,16 @@ def write_images(folder, n, size=16, seed=0):
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(f"{folder}/{i}.png")
 
+def write_tar(path, members):
+    """A tar file of (name, bytes) members, in order (a name may come twice)."""
+    import io
+    import tarfile
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_script(script, args, torchrun=0, check=True, env=None):
