@@ -76,6 +76,7 @@ PY
 }
 per_rank() { [ $(($1 % WORLD)) = 0 ] || die "global batch $1 is not a multiple of $WORLD processes"; echo $(($1 / WORLD)); }
 need() { [ -e "$1" ] || die "$1 not found: $2 (README, Reproducing the papers: Downloads)"; }
+B1=$(per_rank $S1_BATCH); BP=$(per_rank $P1_BATCH); B2=$(per_rank $S2_BATCH)  # per-GPU batches
 
 # ---- the downloads
 M=$DATA/models
@@ -112,13 +113,16 @@ manifest train_cc3m cc3m
 [ "$SRC" = cc3m ] || manifest train_cc3m_cc12m cc3m cc12m
 S1_MAN=$OUT/data/train_cc3m.jsonl
 TRAIN=$OUT/data/train_$SRC.jsonl
+S1_STEPS=$(steps "$S1_MAN" $S1_EPOCHS $S1_BATCH)
+P1_STEPS=$(steps "$TRAIN" $P1_EPOCHS $P1_BATCH)
+S2_STEPS=$(steps "$TRAIN" $S2_EPOCHS $S2_BATCH)
 
 # ---- 2. LLM2CLIP stage 1: the LLM fine-tuned into a caption embedder (short-long pairs of CC3M)
 if [ -n "${S1_CONFIG:-}" ]; then
   LLM_DIR=$OUT/stage1_$LLM/merged
   step "stage 1 ($LLM)" exists "$LLM_DIR" all -- \
     "${T[@]}" train_stage1.py "$S1_CONFIG" --manifest="$S1_MAN" --model="$BASE" --out_dir="$OUT/stage1_$LLM" \
-      --batch_size="$(per_rank $S1_BATCH)" --max_steps="$(steps "$S1_MAN" $S1_EPOCHS $S1_BATCH)" "${TRAIN_EXTRA[@]}"
+      --batch_size="$B1" --max_steps="$S1_STEPS" "${TRAIN_EXTRA[@]}"
 else
   LLM_DIR=$BASE
 fi
@@ -136,8 +140,8 @@ if [ "$METHOD" = proclip ]; then
   P1=$OUT/stage1_proclip_${LLM}_${CLIP}_$SRC
   step "ProCLIP stage 1" exists "$P1/adaptor.json" all -- \
     "${T[@]}" train_stage1.py config/stage1_proclip_paper.py --manifest="$TRAIN" --model="$LLM_DIR" \
-      --clip="$M/$CLIP" --cache="$CACHE" --out_dir="$P1" --batch_size="$(per_rank $P1_BATCH)" \
-      --max_steps="$(steps "$TRAIN" $P1_EPOCHS $P1_BATCH)" "${TRAIN_EXTRA[@]}"
+      --clip="$M/$CLIP" --cache="$CACHE" --out_dir="$P1" --batch_size="$BP" --max_steps="$P1_STEPS" \
+      "${TRAIN_EXTRA[@]}"
   S2_CONFIG=config/stage2_proclip_paper.py
   S2_ARGS+=(--stage1="$P1")
 else
@@ -149,8 +153,7 @@ fi
 S2=$OUT/stage2_$RUN
 step "stage 2 ($RUN)" exists "$S2/model" all -- \
   "${T[@]}" train_stage2.py "$S2_CONFIG" --manifest="$TRAIN" "${S2_ARGS[@]}" --out_dir="$S2" \
-    --batch_size="$(per_rank $S2_BATCH)" --max_steps="$(steps "$TRAIN" $S2_EPOCHS $S2_BATCH)" \
-    "${TRAIN_EXTRA[@]}" "${S2_EXTRA[@]}"
+    --batch_size="$B2" --max_steps="$S2_STEPS" "${TRAIN_EXTRA[@]}" "${S2_EXTRA[@]}"
 
 # ---- 6. the benchmarks: each set converted once, its captions cached by this LLM
 B=""; C=""
