@@ -404,11 +404,21 @@ def caption_rows(records, field):
 
 if __name__ == "__main__":
     from configurator import configure
-    cfg = dict(manifest="", fields="", label=False, decode=True, index_dir="", workers=0)
+    # rebuild=True: the full verification: the index made anew (every shard's members listed again,
+    # every image's presence checked again), whatever its record says, then (decode) every image
+    # decoded. For what the cheap staleness check cannot see: a shard edited in place to the same
+    # size with its mtime restored, images that appeared after the index was built.
+    cfg = dict(manifest="", fields="", label=False, decode=True, index_dir="", workers=0,
+               rebuild=False)
     configure(cfg)
     if not cfg["manifest"]:
         sys.exit("usage: python manifest.py --manifest=m.jsonl [--fields=short,long] "
-                 "[--label=True] [--decode=False] [--index_dir=...] [--workers=n]")
+                 "[--label=True] [--decode=False] [--index_dir=...] [--workers=n] [--rebuild=True]")
+    if cfg["rebuild"]:
+        old = index_path(cfg["manifest"], cfg["index_dir"] or None)
+        if os.path.isdir(old):  # it holds nothing the manifest and its shards do not
+            shutil.rmtree(old)
+            print(f"{old}: removed, to be built anew (rebuild=True)")
     try:
         m = Manifest(cfg["manifest"], cfg["index_dir"] or None, cfg["workers"]).check(
             [f for f in cfg["fields"].split(",") if f], cfg["label"], decode=cfg["decode"])

@@ -18,7 +18,8 @@ one shard: the first is read, and each repeat is counted and named (meta.json
 "duplicate_members"). Lines naming members of the same KEY in two shards are both kept, counted and
 named (meta.json "duplicate_keys"), as lines naming the same image path are ("duplicates").
 Known limit: a shard edited in place to the same size with its modification time restored leaves
-the index stale (shards are compared by size and mtime only).
+the index stale (shards are compared by size and mtime only); `python manifest.py --manifest=m.jsonl
+--rebuild=True` is the full verification (the index made anew, every image decoded).
 """
 
 import hashlib

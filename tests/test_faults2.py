@@ -130,6 +130,33 @@ def test_duplicate_keys_across_and_within_shards(tmp_path, capsys):
     Manifest(m)  # opened again: every recorded file (member.npy, a structured dtype, too) checks out
     assert capsys.readouterr().err == ""
 
+def test_shard_edited_in_place_needs_the_full_verification(tmp_path):
+    """The documented limit and its remedy: a shard rewritten to the same size with its mtime
+    restored (two members' bytes swapped) is not seen by the cheap check, so line 1 reads the other
+    image; `manifest.py --rebuild=True` makes the index anew and line 1 reads its own image again."""
+    import subprocess
+    import sys
+    from tiny import ROOT
+    s = tmp_path / "s"
+    s.mkdir()
+    a, b = png(1, size=8), png(7, size=8)
+    assert len(a) == len(b)
+    write_tar(s / "0.tar", [("a.png", a), ("b.png", b)])
+    m = tmp_path / "m.jsonl"
+    m.write_text("".join(json.dumps({"image": f"s/0.tar/{k}.png"}) + "\n" for k in "ab"))
+    Manifest(m).check(decode=True)
+    st = os.stat(s / "0.tar")
+    write_tar(s / "0.tar", [("b.png", b), ("a.png", a)])  # same size, members in the other order
+    os.utime(s / "0.tar", ns=(st.st_atime_ns, st.st_mtime_ns))
+    pixels = lambda data: np.asarray(Image.open(io.BytesIO(data)))  # noqa: E731
+    stale, _ = Manifest(m).open_image(0)
+    assert np.array_equal(np.asarray(stale), pixels(b))  # the limit: the other member's bytes
+    r = subprocess.run([sys.executable, "manifest.py", f"--manifest={m}", "--rebuild=True"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "removed, to be built anew (rebuild=True)" in r.stdout, r.stderr
+    fresh, _ = Manifest(m).open_image(0)
+    assert np.array_equal(np.asarray(fresh), pixels(a))
+
 # -----------------------------------------------------------------------------
 # the embedding cache, run in this process (embed_cache.main reads its module's settings)
 
