@@ -64,12 +64,13 @@ step() {
   "$@"
   $test "$arg" || die "$name ended without its output ($arg)"
 }
-# steps MANIFEST EPOCHS GLOBAL_BATCH: the step count of that many epochs (capped by MAX_STEPS)
+# steps MANIFEST EPOCHS GLOBAL_BATCH: the step count of that many epochs (capped by MAX_STEPS), from
+# the image count prepare.py recorded beside the manifest (no pass over it)
 steps() {
   python - "$@" "$MAX_STEPS" <<'PY'
-import math, sys
+import json, math, sys
 manifest, epochs, batch, cap = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-n = sum(1 for line in open(manifest, encoding="utf-8") if line.strip())
+n = json.load(open(manifest + ".prepare.json"))["counts"]["images"]
 s = max(1, math.ceil(epochs * n / batch))
 print(min(s, cap) if cap > 0 else s)
 PY
