@@ -20,13 +20,11 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import embedder as EM  # noqa: E402
-import evaluate as E  # noqa: E402
 import model as M  # noqa: E402
-from configurator import is_setting  # noqa: E402
 from images import eval_transform  # noqa: E402
 from test_converters import blip_coco, blip_flickr, convert, docci, sharegpt4v, urban1k, val_map, xm3600  # noqa: E402
 from test_evaluate import brute_force_recall, tiny_stage2  # noqa: E402
-from tiny import WORDS, run_script, tiny_clip, tiny_llm  # noqa: E402
+from tiny import WORDS, evaluate_in_process, run_script, tiny_clip, tiny_llm  # noqa: E402
 from train_common import write_json  # noqa: E402
 
 pytestmark = pytest.mark.slow  # converters and evaluation runs
@@ -66,19 +64,8 @@ def bench_setting(sets, names=SETS):
     return ",".join(f"{n}={sets[n]}" for n in names)
 
 def evaluate_here(out, **settings):
-    """evaluate.main in this process (so runs compare on the same kernels and thread count) with these
-    settings and the rest at their defaults; returns the JSON it wrote."""
-    keys = [k for k, v in vars(E).items() if is_setting(k, v)]
-    saved = {k: getattr(E, k) for k in keys}
-    try:
-        for k, v in {"out": str(out), "batch_size": 8, "device": "cpu", "dtype": "float32", **settings}.items():
-            assert k in saved, k
-            setattr(E, k, type(saved[k])(v))
-        E.main({k: getattr(E, k) for k in keys})
-    finally:
-        for k, v in saved.items():
-            setattr(E, k, v)
-    return json.load(open(out))
+    """evaluate.main in this process, batches of 8 unless set; returns the JSON it wrote."""
+    return evaluate_in_process(out, **{"batch_size": 8, **settings})
 
 def texts_of(folder, fields=None):
     """Every caption of a manifest's fields, in caption_rows order."""

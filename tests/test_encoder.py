@@ -20,12 +20,11 @@ import embedder as EM
 import evaluate as E
 import llama as LM
 import model as M
-from configurator import is_setting
 from encoder import as_cached, load_encoder
 from images import eval_transform
 from manifest import Manifest, caption_rows
 from test_evaluate import N, tiny_stage2, write_eval_manifest
-from tiny import run_script, tiny_clip, tiny_llm
+from tiny import evaluate_in_process, run_script, tiny_clip, tiny_llm
 from train_common import write_json
 
 @pytest.fixture(scope="module")
@@ -36,20 +35,6 @@ def tiny(tmp_path_factory):
     return dict(dir=d, manifest=manifest, llm=llm, clip=clip,
                 stage2=tiny_stage2(d / "stage2", clip, llm),
                 images=[str(d / f"{i}.png") for i in range(N)])
-
-def run_evaluate(out, **settings):
-    """evaluate.main in this process with these settings (the rest at their defaults: set
-    `manifest`); its JSON."""
-    keys = [k for k, v in vars(E).items() if is_setting(k, v)]
-    saved = {k: getattr(E, k) for k in keys}
-    try:
-        for key, v in {"out": str(out), "device": "cpu", "dtype": "float32", **settings}.items():
-            setattr(E, key, type(saved[key])(v))
-        E.main({key: getattr(E, key) for key in keys})
-    finally:
-        for key, v in saved.items():
-            setattr(E, key, v)
-    return json.load(open(out))
 
 def reference_images(tower_path, paths):
     vit = M.ViT.from_pretrained(tower_path).eval()
@@ -106,7 +91,7 @@ def test_same_r1_as_evaluate(tiny):
     texts, image = caption_rows(man, "long")
     rows, owners = E.distinct_captions(texts, image)
     for name in ("stage2", "clip"):
-        res = run_evaluate(tiny["dir"] / f"{name}.json", model=tiny[name],
+        res = evaluate_in_process(tiny["dir"] / f"{name}.json", model=tiny[name],
                            manifest=tiny["manifest"], retrieval="long",
                            multilingual="", multilingual_unseen="", classes="", c2c_field="",
                            batch_size=4)["results"]
@@ -130,7 +115,7 @@ def test_cache_path_gives_the_encoders_embeddings(tiny):
         texts = caption_rows(man, f)[0]
         torch.testing.assert_close(e, enc.text.llm_embed(texts), atol=1e-3, rtol=0)
         torch.testing.assert_close(joint, enc.encode_texts(texts), atol=1e-3, rtol=0)
-    res = run_evaluate(tiny["dir"] / "cached.json", model=tiny["stage2"], cache=str(cache),
+    res = evaluate_in_process(tiny["dir"] / "cached.json", model=tiny["stage2"], cache=str(cache),
                        manifest=tiny["manifest"],
                        retrieval="short,long", multilingual="de", multilingual_unseen="",
                        classes="", c2c_field="")["results"]
@@ -201,9 +186,9 @@ def test_evaluate_does_not_overwrite_a_file_it_did_not_write(tiny, tmp_path):
                     multilingual="", multilingual_unseen="", classes="", c2c_field="")
     with pytest.raises(ValueError, match=f"out='{notes}': the file exists and is not an "
                        "evaluate.py output .*no 'name'.*--overwrite=True"):
-        run_evaluate(notes, **settings)
+        evaluate_in_process(notes, **settings)
     assert json.loads(notes.read_text()) == {"results": "mine"}
-    first = run_evaluate(tmp_path / "e.json", **settings)  # its own output: replaced
-    again = run_evaluate(tmp_path / "e.json", **settings)
+    first = evaluate_in_process(tmp_path / "e.json", **settings)  # its own output: replaced
+    again = evaluate_in_process(tmp_path / "e.json", **settings)
     assert again["results"] == first["results"]
-    assert "results" in run_evaluate(notes, overwrite=True, **settings)
+    assert "results" in evaluate_in_process(notes, overwrite=True, **settings)

@@ -86,6 +86,25 @@ def run_script(script, args, torchrun=0, check=True, env=None):
         assert r.returncode == 0, r.stderr[-3000:]
     return r
 
+def evaluate_in_process(out, **settings):
+    """evaluate.main in this process (so runs compare on the same kernels and thread count) with
+    these settings (each must be one of evaluate.py's), device cpu, dtype float32 and the rest at
+    their defaults; the module's settings are restored after. Returns the JSON it wrote."""
+    import evaluate as E
+    from configurator import is_setting
+    keys = [k for k, v in vars(E).items() if is_setting(k, v)]
+    saved = {k: getattr(E, k) for k in keys}
+    try:
+        for k, v in {"out": str(out), "device": "cpu", "dtype": "float32", **settings}.items():
+            assert k in saved, k
+            setattr(E, k, type(saved[k])(v))
+        E.main({k: getattr(E, k) for k in keys})
+    finally:
+        for k, v in saved.items():
+            setattr(E, k, v)
+    with open(out) as f:
+        return json.load(f)
+
 def checkpoint_weights(out):
     """The tensors of a stage script's last checkpoint in `out`."""
     from safetensors.torch import load_file
